@@ -1,0 +1,1 @@
+"""HTTP transports: the site (limits), REST, SSE, WebSocket, OpenAI API, static dashboard."""
