@@ -1,0 +1,1 @@
+"""The agent behind the gateway: providers, tools and the types between them."""

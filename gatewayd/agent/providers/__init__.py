@@ -1,0 +1,1 @@
+"""Model providers: echo (offline default), openai, anthropic."""
