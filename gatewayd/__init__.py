@@ -1,0 +1,3 @@
+"""gatewayd: an AI-agent gateway on Twisted."""
+
+__version__ = "0.1.0"
