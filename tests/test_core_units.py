@@ -1,0 +1,216 @@
+"""Unit tests of the core pieces: config, tokens, the event bus and the store's schema guard."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+
+from gatewayd.auth import Principal, TokenRegistry, hash_token
+from gatewayd.config import ConfigError, body_limit_for, parse_config
+from gatewayd.events import EventBus, make_filter
+from gatewayd.store import StoreError
+from gatewayd.store.schema import MIGRATIONS
+from gatewayd.store.sqlite import SQLiteStore
+
+
+def test_interpolation_and_defaults() -> None:
+    c = parse_config('[agent]\napi_key = "pre-${KEY}-post"\n', {"KEY": "v"})
+    assert c.agent.api_key == "pre-v-post"
+    assert c.agent.provider == "echo" and c.agent.effective_model == "echo-1"
+    assert c.gateway.listen == ("tcp:18789:interface=127.0.0.1",)
+    assert c.agent.max_queue_per_session == 16
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[gateway]\nbody_limit_bytes = true\n", "gateway.body_limit_bytes: expected an integer"),
+        ("[gateway]\nbody_limit_bytes = -1\n", "gateway.body_limit_bytes: must be positive"),
+        ('[gateway]\nallowed_origins = "x"\n', "gateway.allowed_origins: expected a list"),
+        (
+            '[gateway]\ntrusted_proxies = ["nope"]\n',
+            "gateway.trusted_proxies: 'nope' is not a CIDR",
+        ),
+        ('[agent.tools.bash]\npolicy = "maybe"\n', "agent.tools.bash.policy: must be one of"),
+        ("[nope]\n", "nope: unknown key"),
+        (
+            '[[gateway.api_keys]]\nkey = "0123456789abcdef0"\nrole = "root"\n',
+            "gateway.api_keys[0].role: must be one of",
+        ),
+        ('x = "${UNSET_FOR_TEST}"\n', "x: environment variable UNSET_FOR_TEST is not set"),
+    ],
+)
+def test_config_errors_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, {})
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_body_limits_longest_prefix_wins() -> None:
+    g = parse_config('[gateway.body_limits]\n"/api/chat" = 10\n', {}).gateway
+    assert body_limit_for(g, "/api/chat") == 10
+    assert body_limit_for(g, "/api/chats") == 10
+    assert body_limit_for(g, "/api/status") == 65536
+    assert body_limit_for(g, "/v1/chat/completions") == 4194304
+    assert body_limit_for(g, "/hooks/x") == 1048576
+
+
+def _config_parses_or_says_why(text: str) -> None:
+    try:
+        parse_config(text, {})
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e)
+
+
+def test_config_parser_never_crashes() -> None:
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=200))
+    def check(text: str) -> None:
+        _config_parses_or_says_why(text)
+
+    check()
+
+
+def test_tokens_by_hash_with_expiry_and_tickets() -> None:
+    clock = Clock()
+    reg = TokenRegistry(clock)
+    p = reg.add_static("static-token-0123456789", "operator", "ops")
+    assert reg.authenticate("static-token-0123456789") == p
+    assert reg.authenticate(b"static-token-0123456789") == p
+    assert reg.authenticate("static-token-012345678") is None
+    assert reg.authenticate(b"\xff\xfe") is None
+    assert reg.authenticate("") is None
+    stored = Principal("tok_1", "chat", "c", "api", expires_at=10.0)
+    reg.add_stored(hash_token("stored-token-abcdefghij"), stored)
+    assert reg.authenticate("stored-token-abcdefghij") == stored
+    clock.advance(10)
+    assert reg.authenticate("stored-token-abcdefghij") is None
+    revoked: list[str] = []
+    reg.on_revoke(revoked.append)
+    ticket, expires = reg.issue_ticket(p)
+    assert expires == clock.seconds() + 60
+    assert reg.redeem_ticket(ticket) == p
+    assert reg.redeem_ticket(ticket) is None  # single use
+    ticket, _ = reg.issue_ticket(p)
+    clock.advance(61)
+    assert reg.redeem_ticket(ticket) is None
+    reg.replace_static([])
+    assert revoked == [p.token_id]
+    assert reg.authenticate("static-token-0123456789") is None
+
+
+def test_roles_and_scopes() -> None:
+    chat = Principal("c", "chat")
+    viewer = Principal("v", "viewer")
+    admin = Principal("a", "admin")
+    assert chat.can("own") and chat.can("chat") and not chat.can("read")
+    assert viewer.can("own") and viewer.can("read") and not viewer.can("chat")
+    assert all(admin.can(s) for s in ("read", "chat", "operate", "admin", "own"))
+    assert chat.owns("c") and not chat.owns("x") and viewer.owns("x")
+
+
+def test_bus_replay_filters_and_reset() -> None:
+    bus = EventBus(Clock(), None, buffer_size=5)
+    for i in range(8):
+        bus.publish("session_created", session_id=f"s{i % 2}", owner="o")
+    assert bus.last_id == 8
+    assert [e.id for e in bus.replay(5) or []] == [6, 7, 8]
+    assert bus.replay(3) == [e for e in bus.replay(3) or []]  # 4..8 still kept
+    assert bus.replay(2) is None  # 3 fell out of the buffer
+    assert bus.replay(9) is None  # newer than any
+    assert bus.replay(8) == []
+    flt = make_filter("session_created", session_id="s1")
+    assert [e.id for e in bus.replay(4, flt) or []] == [6, 8]
+    seen: list[int] = []
+    sub = bus.subscribe(lambda e: seen.append(e.id), make_filter(["run_started"]))
+    bus.publish("session_created")
+    bus.publish("run_started", owner="o")
+    sub.cancel()
+    bus.publish("run_started")
+    assert seen == [10]
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_ids_never_go_backwards_across_restarts(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "db.sqlite3")
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    bus = EventBus(reactor, store)
+    await bus.start()
+    last = [bus.publish("session_created").id for _ in range(3)][-1]
+    await bus.flush()
+    await store.stop()
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    bus2 = EventBus(reactor, store)
+    await bus2.start()
+    assert bus2.publish("session_created").id > last
+    assert bus2.replay(last) is None  # an id from before the restart: reset
+    await bus2.flush()
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_refuses_a_newer_schema(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "db.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    store = SQLiteStore(reactor, path)
+    with pytest.raises(StoreError, match="newer than this gatewayd"):
+        await store.start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_is_wal_and_migrated(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "db.sqlite3")
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    mode = await store.run(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+    version = await store.run(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+    assert mode == "wal" and version == len(MIGRATIONS)
+
+    # one failing call in a batch does not undo the others
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta VALUES ('a', '1')")
+        raise RuntimeError("boom")
+
+    d1 = store.set_meta("b", "2")
+    d2 = store.run(boom)
+    d3 = store.get_meta("b")
+    await d1
+    with pytest.raises(RuntimeError):
+        await d2
+    assert await d3 == "2"
+    assert await store.get_meta("a") is None
+    await store.stop()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"message": "\\ud800"}', b'{"\\udfff": 1}', b'["\\uDBFF"]', b"\xff", b'{"a":', b"[" * 100000],
+)
+def test_strict_json_refuses_what_cannot_round_trip(raw: bytes) -> None:
+    from gatewayd import jsontext
+
+    with pytest.raises(jsontext.InvalidJSON):
+        jsontext.loads(raw)
+
+
+def test_strict_json_keeps_surrogate_pairs() -> None:
+    from gatewayd import jsontext
+
+    assert jsontext.loads(b'{"m": "\\ud83d\\ude00"}') == {"m": "\U0001f600"}
