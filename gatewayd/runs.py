@@ -449,7 +449,6 @@ class RunManager:
             cost_cents=cost,
             finished_at=now,
         )
-        live.run = run
         stored_reply = text if (text or status == "completed") else None
         try:
             await gw.store.finish_run(run, stored_reply, now)
@@ -457,6 +456,9 @@ class RunManager:
             _log.failure("could not store the end of run {run_id}", run_id=run.id)
         if cost:
             await self._add_spend(cost)
+        # only now may a reader see the outcome: its event goes out in the same turn, so a
+        # client that sees "failed" in GET /api/runs/{id} also finds the run_error event
+        live.run = run
         if status == "completed":
             gw.publish_run_event(
                 live,
