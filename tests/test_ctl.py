@@ -303,7 +303,8 @@ def test_logs_follow(gateway: Process) -> None:
             thread.join(0.2)
         assert any("/api/status?from=follow-test" in ln for ln in reader)
         follow.send_signal(signal.SIGINT)
-        follow.wait(10)
+        # keep reading as a terminal would: a child blocked on a full pipe cannot exit
+        follow.communicate(timeout=10)
         assert follow.returncode in (0, 130)
     finally:
         if follow.poll() is None:
