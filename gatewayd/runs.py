@@ -18,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, suc
 from twisted.logger import Logger
 
 from gatewayd.agent.base import ChatMessage, ProviderError, ProviderRequest, ToolCall, ToolResult
+from gatewayd.agent.early import EarlyTurn
 from gatewayd.agent.tools import run_tool
 from gatewayd.auth import Principal, new_id
 from gatewayd.errors import GatewayError, not_found
@@ -54,6 +55,8 @@ class LiveRun:
     direct: ToolCall | None = None
     #: the direct invocation's result, once it has one
     tool_result: ToolResult | None = None
+    #: a first provider turn started while the user message was being stored
+    early: EarlyTurn | None = None
 
 
 def shielded(inner: Deferred[T]) -> Deferred[T]:
@@ -77,6 +80,8 @@ class RunManager:
         self._live: dict[str, LiveRun] = {}
         self._submitting: dict[str, int] = {}
         self._creating: dict[str, str] = {}
+        #: run slots held by early turns whose message is still being stored
+        self._reserved = 0
         self._idle: list[Deferred[None]] = []
         self.accepting = True
         self._spend_day = ""
@@ -177,6 +182,13 @@ class RunManager:
         empty = create or (session.message_count == 0 and queued == 0)
         seed = tuple(context) if empty else ()
         self._submitting[sid] = self._submitting.get(sid, 0) + 1
+        early = None
+        if create and direct is None:
+            convo = [ChatMessage(r, c) for r, c in seed if r in ("user", "assistant")]
+            convo.append(ChatMessage("user", message))
+            early = self._start_early(
+                self._provider_request(convo, instructions, tools_allowed, allow_tool_commands)
+            )
         try:
             stored = await gw.store.begin_run(
                 run,
@@ -185,7 +197,13 @@ class RunManager:
                 create_session=session if create else None,
                 context=seed,
             )
+        except BaseException:
+            if early is not None:
+                early.drop()
+            raise
         finally:
+            if early is not None:
+                self._reserved -= 1
             self._submitting[sid] -= 1
             if not self._submitting[sid]:
                 del self._submitting[sid]
@@ -204,6 +222,7 @@ class RunManager:
             fresh_session=create and not seed,
             instructions=instructions,
             direct=direct,
+            early=early,
         )
         if on_event is not None:
             live.listeners.append(on_event)
@@ -215,9 +234,40 @@ class RunManager:
             return live
         self._queues.setdefault(sid, deque()).append(live)
         if sid not in self._running and sid not in self._ready:
-            self._ready.append(sid)
+            if early is not None:
+                self._ready.appendleft(sid)  # its slot was held for it: it starts now
+            else:
+                self._ready.append(sid)
         self._pump()
         return live
+
+    def _start_early(self, request: ProviderRequest) -> EarlyTurn | None:
+        """Start a new session's first turn now, if a run slot is free to hold for it."""
+        if (
+            len(self._running) + self._reserved >= self._gw.config.agent.max_concurrent_runs
+            or self._over_budget()
+        ):
+            return None
+        early = EarlyTurn()
+        self._reserved += 1
+        early.deferred = self._gw.provider.turn(request, early.on_text)
+        return early
+
+    def _provider_request(
+        self,
+        convo: Sequence[ChatMessage],
+        instructions: str,
+        tools_allowed: tuple[str, ...] | None,
+        allow_tool_commands: bool,
+    ) -> ProviderRequest:
+        agent = self._gw.config.agent
+        return ProviderRequest(
+            model=agent.effective_model,
+            system=_join(agent.system_prompt, instructions),
+            messages=tuple(convo),
+            tools=self._gw.tools.specs(tools_allowed),
+            allow_tool_commands=allow_tool_commands,
+        )
 
     def wait(self, run_id: str) -> Deferred[Run]:
         """A Deferred of this waiter's own: cancelling it never touches the run."""
@@ -270,7 +320,7 @@ class RunManager:
 
     def _pump(self) -> None:
         limit = self._gw.config.agent.max_concurrent_runs
-        while self._ready and len(self._running) < limit:
+        while self._ready and len(self._running) + self._reserved < limit:
             sid = self._ready.popleft()
             queue = self._queues.get(sid)
             if not queue:
@@ -329,7 +379,6 @@ class RunManager:
                 for m in history
                 if m.role in ("user", "assistant") and m.id <= live.message_id
             ]
-        specs = gw.tools.specs(live.tools_allowed)
         tokens_in = tokens_out = 0
         used: list[str] = []
 
@@ -340,14 +389,14 @@ class RunManager:
 
         try:
             for _ in range(agent.max_tool_rounds):
-                request = ProviderRequest(
-                    model=agent.effective_model,
-                    system=_join(agent.system_prompt, live.instructions),
-                    messages=tuple(convo),
-                    tools=specs,
-                    allow_tool_commands=live.allow_tool_commands,
-                )
-                turn = await self._guard(live, gw.provider.turn(request, on_text))
+                early, live.early = live.early, None
+                if early is not None:
+                    turn = await self._guard(live, early.attach(on_text))
+                else:
+                    request = self._provider_request(
+                        convo, live.instructions, live.tools_allowed, live.allow_tool_commands
+                    )
+                    turn = await self._guard(live, gw.provider.turn(request, on_text))
                 tokens_in += turn.usage.input
                 tokens_out += turn.usage.output
                 if not turn.tool_calls:
@@ -437,6 +486,9 @@ class RunManager:
         code: str | None = None,
     ) -> None:
         gw = self._gw
+        if live.early is not None:  # finished before it began: it never takes the turn
+            live.early.drop()
+            live.early = None
         now = gw.clock.seconds()
         text = reply if reply is not None else "".join(live.partial)
         cost = self._cost(live.run.tokens_in, live.run.tokens_out)
