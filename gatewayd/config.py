@@ -14,6 +14,7 @@ import re
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -51,6 +52,22 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
         return None if v in choices else f"must be one of {', '.join(choices)}"
 
     return check
+
+
+def http_url(v: Any) -> str | None:
+    """An ``http://`` or ``https://`` URL with an ASCII host, or empty (the default)."""
+    if v == "":
+        return None
+    parts = urllib.parse.urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL"
+    if not parts.hostname.isascii():
+        return "must name its host in ASCII (punycode)"
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return "has an invalid port"
+    return None
 
 
 def _cidrs(v: Any) -> str | None:
@@ -152,7 +169,7 @@ class AgentConfig:
         default="echo", metadata=_check(one_of("echo", "openai", "anthropic"))
     )
     model: str = ""
-    base_url: str = ""
+    base_url: str = attrs.field(default="", metadata=_check(http_url))
     api_key: str = ""
     system_prompt: str = ""
     workspace: str = ""
@@ -228,7 +245,7 @@ class WebhookConfig:
 class TelegramBridge:
     bot_token: str
     webhook_secret_token: str
-    api_base: str = "https://api.telegram.org"
+    api_base: str = attrs.field(default="https://api.telegram.org", metadata=_check(http_url))
     allowed_users: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
     default_target: str = ""
@@ -238,7 +255,7 @@ class TelegramBridge:
 class SlackBridge:
     bot_token: str
     signing_secret: str
-    api_base: str = "https://slack.com/api"
+    api_base: str = attrs.field(default="https://slack.com/api", metadata=_check(http_url))
     allowed_users: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
     default_target: str = ""
@@ -250,7 +267,7 @@ class DiscordBridge:
     public_key: str
     application_id: str
     bot_token: str = ""
-    api_base: str = "https://discord.com/api/v10"
+    api_base: str = attrs.field(default="https://discord.com/api/v10", metadata=_check(http_url))
     allowed_users: tuple[str, ...] = ()
     tools: tuple[str, ...] = ()
     default_target: str = ""

@@ -44,6 +44,14 @@ def test_interpolation_and_defaults() -> None:
             "gateway.api_keys[0].role: must be one of",
         ),
         ('x = "${UNSET_FOR_TEST}"\n', "x: environment variable UNSET_FOR_TEST is not set"),
+        ('[agent]\nbase_url = "ftp://models.example"\n', "agent.base_url: must be an http://"),
+        ('[agent]\nbase_url = "localhost:8000/v1"\n', "agent.base_url: must be an http://"),
+        ('[agent]\nbase_url = "http://x:99999/v1"\n', "agent.base_url: has an invalid port"),
+        ('[agent]\nbase_url = "http://mödel.example/v1"\n', "agent.base_url: must name its host"),
+        (
+            '[bridges.slack]\nbot_token = "x"\nsigning_secret = "y"\napi_base = "slack.com"\n',
+            "bridges.slack.api_base: must be an http",
+        ),
     ],
 )
 def test_config_errors_name_the_key(text: str, message: str) -> None:
@@ -201,7 +209,14 @@ async def test_store_is_wal_and_migrated(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"message": "\\ud800"}', b'{"\\udfff": 1}', b'["\\uDBFF"]', b"\xff", b'{"a":', b"[" * 100000],
+    [
+        b'{"message": "\\ud800"}',
+        b'{"\\udfff": 1}',
+        b'["\\uDBFF"]',
+        b"\xff",
+        b'{"a":',
+        b"[" * 100000,
+    ],
 )
 def test_strict_json_refuses_what_cannot_round_trip(raw: bytes) -> None:
     from gatewayd import jsontext
