@@ -198,7 +198,8 @@ async def test_bad_input_gets_contract_errors(tmp_path: Any) -> None:
             b"\xff\xfe",
             b'{"message": 5}',
             b"{}",
-            b'{"message":"x","session_id":"bad id!"}', b'{"message": "\\ud800"}',
+            b'{"message":"x","session_id":"bad id!"}',
+            b'{"message": "\\ud800"}',
             b'{"message":"   "}',
         ):
             resp = await treq.post(g.url + "/api/chat", raw, headers=auth(ADMIN))

@@ -155,7 +155,9 @@ def test_a_spent_budget_asks_nobody(tmp_path: Any) -> None:
 
 def test_openai_context_is_the_early_turns_context(tmp_path: Any) -> None:
     cg, writer, provider = held(str(tmp_path))
-    submit(cg, "and now?", context=(("user", "hi"), ("assistant", "hello")), instructions="Be brief")
+    submit(
+        cg, "and now?", context=(("user", "hi"), ("assistant", "hello")), instructions="Be brief"
+    )
     [request] = provider.requests
     assert [(m.role, m.content) for m in request.messages] == [
         ("user", "hi"),

@@ -652,6 +652,30 @@ async def test_openai_streams_text_in_order() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_on_a_pooled_connection_leaves_at_once() -> None:
+    """Time to first token: on a kept-alive connection the whole request (head and body, in
+    one piece) is on the wire before ``turn`` returns, not a reactor pass later."""
+    import socket
+
+    standin = OpenAIStandIn(api_key=KEY)
+    standin.script += [Stream(openai_text_chunks("one")), Stream(openai_text_chunks("two"))]
+    rig = Rig(standin, OpenAIProvider)
+    try:
+        await rig.turn(request(ChatMessage("user", "first")))  # leaves a pooled connection
+        [channel] = [c for c in rig.port.factory.channels if c.transport is not None]
+        server_side = channel.transport.socket
+        d = rig.turn(request(ChatMessage("user", "second")))
+        # still inside this reactor turn: the stand-in has read nothing yet, the kernel has it
+        waiting = server_side.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        head, _, body = waiting.partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /v1/chat/completions HTTP/1.1")
+        assert json.loads(body)["messages"] == [{"role": "user", "content": "second"}]
+        assert (await d).text == "two"
+    finally:
+        await rig.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_openai_tool_call_round_trip_and_history_shape() -> None:
     standin = OpenAIStandIn(api_key=KEY)
     args = '{"command": "echo \\"hi there\\""}'

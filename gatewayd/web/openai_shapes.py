@@ -24,6 +24,7 @@ from gatewayd.errors import GatewayError, openai_error_body
 from gatewayd.events import Event
 from gatewayd.ops.chat import outcome
 from gatewayd.ops.openai import response_id
+from gatewayd.sendnow import send_now
 from gatewayd.store.records import Run
 from gatewayd.web.common import dumps
 
@@ -110,6 +111,11 @@ class Exchange:
         if self.open:
             self.request.write(data)
 
+    def flush(self) -> None:
+        """Send what is written so far now, not when the reactor next polls."""
+        if self.open:
+            send_now(getattr(self.request, "transport", None))
+
     def finish(self, data: bytes = b"") -> None:
         if self.open:
             if data:
@@ -170,6 +176,10 @@ class StreamOut:
         if self.started:
             self.text.append(content)
             self.delta(content)
+            if len(self.text) == 1:
+                # the first token is what the client is waiting for; the rest of this
+                # burst (and the bookkeeping behind it) must not hold it back
+                self.ex.flush()
         else:
             self.early.append(content)
 

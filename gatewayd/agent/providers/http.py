@@ -19,25 +19,32 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
 )
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from zope.interface import implementer
 
 from gatewayd.agent.base import ProviderError
+from gatewayd.sendnow import send_now
 
 T = TypeVar("T")
 
@@ -293,14 +300,94 @@ class _BodyReader(Protocol):
         self._timer = None
 
 
+@implementer(IBodyProducer)
+class _BytesBody:
+    """A request body written whole, at once.
+
+    treq's default (``FileBodyProducer``) writes on a later reactor turn, through a
+    Cooperator; this one writes while the request is being sent, so the head and the body
+    leave together, in one segment.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:  # noqa: N802
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        pass
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        pass
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+
+def _body_producer(data: Any) -> Any:
+    if isinstance(data, bytes):
+        return _BytesBody(data)
+    return IBodyProducer(data)
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """Agent's standard endpoints (TCP, TLS for https), made once per origin.
+
+    Agent otherwise builds a new endpoint for every request, although a provider talks to
+    one origin all its life; a pooled connection needs no endpoint at all.
+    """
+
+    _MAX = 32
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._policy = BrowserLikePolicyForHTTPS()
+        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:  # noqa: N802
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise ValueError(f"unsupported scheme {uri.scheme!r}")
+            tcp = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
+            )
+            endpoint = tcp
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), tcp)
+            if len(self._made) >= self._MAX:
+                self._made.clear()
+            self._made[key] = endpoint
+        return endpoint
+
+
 class _Pool(HTTPConnectionPool):
     """A persistent pool that, once closed, hangs up connections that finish late.
 
     A request still in flight when :meth:`UpstreamHTTP.close` runs would otherwise be
-    cached afterwards, with a 240 s timer nobody cancels.
+    cached afterwards, with a 240 s timer nobody cancels.  It also notes which connection
+    it hands out, so that a request sent on a cached one can be flushed at once.
     """
 
     closed = False
+    #: the connection the latest getConnection handed out synchronously (see _send)
+    handed: Any = None
+
+    def getConnection(self, key: Any, endpoint: Any) -> Deferred[Any]:  # noqa: N802
+        d: Deferred[Any] = super().getConnection(key, endpoint)
+        d.addCallback(self._hand)
+        return d
+
+    def _hand(self, connection: Any) -> Any:
+        # a cached connection comes wrapped for automatic retries of idempotent requests
+        self.handed = getattr(connection, "_clientProtocol", connection)
+        return connection
 
     def _putConnection(self, key: Any, connection: Any) -> None:
         if self.closed:
@@ -329,8 +416,11 @@ class UpstreamHTTP:
         self.settings = settings
         self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
         self._pool = _Pool(reactor, persistent=True)
-        agent = Agent(reactor, connectTimeout=settings.connect_timeout_s, pool=self._pool)
-        self._treq = HTTPClient(agent)
+        endpoints = _Endpoints(reactor, settings.connect_timeout_s)
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
+        self._treq = HTTPClient(agent, data_to_body_producer=_body_producer)
+        #: parsed URLs: a provider asks the same few again and again
+        self._urls: dict[str, EncodedURL] = {}
 
     def __repr__(self) -> str:
         return f"<UpstreamHTTP {self.label}>"
@@ -486,15 +576,26 @@ class UpstreamHTTP:
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None
     ) -> Any:
         """Send the request; wait for the response head under the idle deadline."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= 64:
+                self._urls.clear()
+            parsed = self._urls[url] = EncodedURL.from_text(url)
+        self._pool.handed = None
         d = self._treq.request(
             method,
-            url,
+            parsed,
             headers=_header_dict(headers),
             data=body,
             unbuffered=True,
             allow_redirects=False,
             reactor=self._reactor,
         )
+        # on a cached connection the whole request is written by now: the model can start
+        # on it while this turn goes on (a new connection sends once it is up)
+        handed, self._pool.handed = self._pool.handed, None
+        if handed is not None:
+            send_now(handed.transport)
         timed_out = False
 
         def expire() -> None:
