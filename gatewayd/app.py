@@ -68,7 +68,10 @@ def store_path(config: Config, state_dir: str) -> str:
     url = url.replace("<state-dir>", state_dir)
     match = re.fullmatch(r"sqlite:///?(.+)", url)
     if not match:
-        raise ConfigError(f"store.url: unsupported store {url.split(':', 1)[0]!r} (sqlite:///PATH)")
+        kind = url.split(":", 1)[0]
+        raise ConfigError(
+            f"store.url: unsupported store {kind!r}: this build stores in sqlite:///PATH"
+        )
     path = match.group(1)
     if url.startswith("sqlite:////") or not url.startswith("sqlite:///"):
         return path

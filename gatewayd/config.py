@@ -70,6 +70,12 @@ def http_url(v: Any) -> str | None:
     return None
 
 
+def _local_bus(v: Any) -> str | None:
+    if v == "local":
+        return None
+    return 'only the in-process bus ("local") is supported; a shared bus across replicas is not'
+
+
 def _cidrs(v: Any) -> str | None:
     for item in v:
         try:
@@ -201,7 +207,7 @@ class StoreConfig:
 
 @attrs.frozen
 class EventsConfig:
-    url: str = "local"
+    url: str = attrs.field(default="local", metadata=_check(_local_bus))
     replay_buffer: int = attrs.field(default=10000, metadata=_check(positive))
 
 

@@ -44,6 +44,7 @@ def test_interpolation_and_defaults() -> None:
             "gateway.api_keys[0].role: must be one of",
         ),
         ('x = "${UNSET_FOR_TEST}"\n', "x: environment variable UNSET_FOR_TEST is not set"),
+        ('[events]\nurl = "redis://127.0.0.1:6379"\n', "events.url: only the in-process bus"),
         ('[agent]\nbase_url = "ftp://models.example"\n', "agent.base_url: must be an http://"),
         ('[agent]\nbase_url = "localhost:8000/v1"\n', "agent.base_url: must be an http://"),
         ('[agent]\nbase_url = "http://x:99999/v1"\n', "agent.base_url: has an invalid port"),
@@ -229,3 +230,12 @@ def test_strict_json_keeps_surrogate_pairs() -> None:
     from gatewayd import jsontext
 
     assert jsontext.loads(b'{"m": "\\ud83d\\ude00"}') == {"m": "\U0001f600"}
+
+
+def test_a_store_this_build_lacks_is_refused_by_name(tmp_path: Any) -> None:
+    from gatewayd.app import store_path
+
+    config = parse_config('[store]\nurl = "postgresql://127.0.0.1/test"\n', {})
+    with pytest.raises(ConfigError) as e:
+        store_path(config, str(tmp_path))
+    assert str(e.value).startswith("store.url: unsupported store 'postgresql'")
