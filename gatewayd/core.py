@@ -97,15 +97,41 @@ class Gateway:
     async def _start(self) -> None:
         await self.store.start()
         await self.bus.start()
-        failed = await self.store.fail_unfinished_runs(
-            "failed", "the gateway stopped before this run finished", self.clock.seconds()
-        )
-        if failed:
-            _log.warn("marked {count} unfinished runs failed after a restart", count=failed)
+        await self._settle_interrupted()
         await self.runs.load_spend()
         from gatewayd.ops.tokens import load_stored_tokens
 
         await load_stored_tokens(self)  # tokens made over the API, kept as SHA-256
+
+    async def _settle_interrupted(self) -> None:
+        """Fail what the last process left unfinished, and say so on the bus (a client that
+        resumes from an id it saved before the stop sees these events)."""
+        error = "the gateway stopped before this run finished"
+        gone = await self.store.fail_unfinished_runs(
+            "failed", error, "unavailable", self.clock.seconds()
+        )
+        for approval_id, run_id, session_id, owner in gone.approvals:
+            self.bus.publish(
+                "approval_resolved",
+                session_id=session_id,
+                run_id=run_id,
+                owner=owner,
+                approval_id=approval_id,
+                decision="deny",
+                reason="the gateway stopped before a decision",
+                status="expired",
+            )
+        for run_id, session_id, owner in gone.runs:
+            self.bus.publish(
+                "run_error",
+                session_id=session_id,
+                run_id=run_id,
+                owner=owner,
+                error=error,
+                code="unavailable",
+            )
+        if gone.runs:
+            _log.warn("marked {count} unfinished runs failed after a restart", count=len(gone.runs))
 
     def stop(self, grace_s: float | None = None) -> Deferred[None]:
         return ensureDeferred(self._stop(grace_s))

@@ -4,7 +4,10 @@ Subscribers (SSE, WebSocket, WAMP, activity, metrics, bridges) see events synchr
 publish order.  A bounded replay buffer lets any transport resume after an id the same way;
 an id the bus no longer (or never) knew gets ``None`` from :meth:`EventBus.replay`, which
 transports turn into ``reset``.  Ids survive restarts: the bus reserves blocks of ids in the
-store ahead of use, so a restarted gateway starts above every id it may have handed out.
+store ahead of use, so a restarted gateway starts above every id it may have handed out, and
+it starts with the stored events in its buffer, so a client that saved an id before the
+restart resumes from it (what it missed then is the stored events: ``text_delta`` is never
+stored, ``run_complete`` carries the whole answer).
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ class EventBus:
             floor = int(value) if value else 0
             self._next_id = floor + 1
             self.first_id = self._next_id
+            kept = yield self._store.kept_events(self._buffer.maxlen)
+            self._buffer.extend(_stored_event(row) for row in kept)
             yield self._reserve()
 
     def _reserve(self) -> Deferred[None]:
@@ -210,6 +215,20 @@ class EventBus:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
+
+
+#: envelope keys that are Event fields, not payload
+_ENVELOPE_KEYS = frozenset({"id", "type", "ts", "session_id", "run_id"})
+
+
+def _stored_event(row: tuple[Any, ...]) -> Event:
+    """An event as :func:`_insert_events` stored it (its JSON is reused as it is)."""
+    id, ts, type, session_id, run_id, owner, body = row
+    envelope = json.loads(body)
+    payload = {k: v for k, v in envelope.items() if k not in _ENVELOPE_KEYS}
+    event = Event(int(id), str(type), float(ts), payload, session_id, run_id, owner)
+    event._json.append(body.encode())
+    return event
 
 
 def _insert_events(conn: sqlite3.Connection, events: list[Event]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -135,6 +136,33 @@ class Process:
         except urllib.error.HTTPError as e:
             raw = e.read()
             return e.code, json.loads(raw) if raw else None
+
+    def events(
+        self,
+        query: str,
+        until: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 10,
+        token: str = ADMIN,
+    ) -> list[dict[str, Any]]:
+        """Follow ``GET /api/events?<query>`` until ``until(envelopes so far)`` holds."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        seen: list[dict[str, Any]] = []
+        try:
+            conn.request(
+                "GET", "/api/events?" + query, headers={"Authorization": f"Bearer {token}"}
+            )
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            while not until(seen):
+                assert time.monotonic() < deadline, f"gave up waiting; saw {seen}"
+                line = resp.readline()
+                assert line, f"the stream ended; saw {seen}"
+                if line.startswith(b"data: "):
+                    seen.append(json.loads(line[6:]))
+            return seen
+        finally:
+            conn.close()
 
     def output(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:

@@ -664,6 +664,20 @@ def test_restart_expires_pending_approvals_and_fails_their_runs(tmp_path: Any) -
         assert run["status"] == "failed" and run["error"]
         code, body = p2.request("POST", f"/api/approvals/{approval['id']}/approve")
         assert code == 409
+        assert run["error_code"] == "unavailable"
+
+        # visibly: a client resuming from before the crash is told both, in order
+        def told(seen: list[dict[str, Any]]) -> bool:
+            return any(e["type"] == "run_error" for e in seen)
+
+        seen = p2.events("last_event_id=0", told)
+        mine = [e for e in seen if e.get("run_id") == run_id]
+        assert [e["type"] for e in mine][-2:] == ["approval_resolved", "run_error"]
+        resolved, error = mine[-2:]
+        assert resolved["approval_id"] == approval["id"] and resolved["status"] == "expired"
+        assert error["code"] == "unavailable" and error["error"] == run["error"]
+        # what happened before the crash is replayed too: the restart kept the stored events
+        assert "approval_requested" in [e["type"] for e in mine]
     finally:
         p2.terminate()
 

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from gatewayd.store.records import Message, Run, Session
+from gatewayd.store.records import Interrupted, Message, Run, Session
 
 
 class StoreError(Exception):
@@ -73,7 +73,9 @@ class Store(Protocol):
 
     def finish_run(self, run: Run, reply: str | None, now: float) -> Deferred[None]: ...
 
-    def fail_unfinished_runs(self, status: str, error: str, now: float) -> Deferred[int]: ...
+    def fail_unfinished_runs(
+        self, status: str, error: str, code: str, now: float
+    ) -> Deferred[Interrupted]: ...
 
     def count_sessions(self) -> Deferred[int]: ...
 
@@ -123,5 +125,7 @@ class Store(Protocol):
 
     # activity
     def recent_events(self, before_id: int, limit: int) -> Deferred[list[str]]: ...
+
+    def kept_events(self, limit: int) -> Deferred[list[tuple[Any, ...]]]: ...
 
     def recent_audit(self, limit: int) -> Deferred[list[tuple[Any, ...]]]: ...

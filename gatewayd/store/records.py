@@ -11,6 +11,17 @@ FINAL_RUN_STATES = ("completed", "failed", "aborted")
 
 
 @attrs.frozen
+class Interrupted:
+    """What a start found unfinished from the last process: runs (now failed) and the
+    approvals they waited on (now expired)."""
+
+    #: (run id, session id, owner)
+    runs: tuple[tuple[str, str, str], ...] = ()
+    #: (approval id, run id, session id, owner)
+    approvals: tuple[tuple[str, str, str, str], ...] = ()
+
+
+@attrs.frozen
 class Session:
     id: str
     owner: str

@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 
 from gatewayd.store import StoreError
 from gatewayd.store.engine import WriterThread
-from gatewayd.store.records import FINAL_RUN_STATES, Message, Run, Session
+from gatewayd.store.records import FINAL_RUN_STATES, Interrupted, Message, Run, Session
 from gatewayd.store.schema import MIGRATIONS
 
 _RUN_COLUMNS = (
@@ -405,19 +405,32 @@ class SQLiteStore:
 
         return self._writer.submit(q)
 
-    def fail_unfinished_runs(self, status: str, error: str, now: float) -> Deferred[int]:
-        def q(conn: sqlite3.Connection) -> int:
-            n = conn.execute(
-                "UPDATE runs SET status = ?, error = ?, finished_at = ? "
+    def fail_unfinished_runs(
+        self, status: str, error: str, code: str, now: float
+    ) -> Deferred[Interrupted]:
+        def q(conn: sqlite3.Connection) -> Interrupted:
+            runs = conn.execute(
+                "SELECT id, session_id, owner FROM runs WHERE status NOT IN (?,?,?) ORDER BY rowid",
+                FINAL_RUN_STATES,
+            ).fetchall()
+            approvals = conn.execute(
+                "SELECT id, run_id, session_id, owner FROM approvals WHERE status = 'pending' "
+                "ORDER BY rowid"
+            ).fetchall()
+            conn.execute(
+                "UPDATE runs SET status = ?, error = ?, error_code = ?, finished_at = ? "
                 "WHERE status NOT IN (?,?,?)",
-                (status, error, now, *FINAL_RUN_STATES),
-            ).rowcount
+                (status, error, code, now, *FINAL_RUN_STATES),
+            )
             conn.execute(
                 "UPDATE approvals SET status = 'expired', resolved_at = ?, reason = ? "
                 "WHERE status = 'pending'",
                 (now, "the gateway stopped before a decision"),
             )
-            return n
+            return Interrupted(
+                tuple((str(r), str(s), str(o)) for r, s, o in runs),
+                tuple((str(a), str(r), str(s), str(o)) for a, r, s, o in approvals),
+            )
 
         return self._writer.submit(q)
 
@@ -632,6 +645,21 @@ class SQLiteStore:
                 (before_id, limit),
             )
             return [str(r[0]) for r in rows]
+
+        return self._writer.submit(q)
+
+    def kept_events(self, limit: int) -> Deferred[list[tuple[Any, ...]]]:
+        """(id, ts, type, session_id, run_id, owner, body) of the newest ``limit`` stored
+        events, oldest first: the replay buffer a new process starts with."""
+
+        def q(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            rows = conn.execute(
+                "SELECT id, ts, type, session_id, run_id, owner, body FROM events "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            rows.reverse()
+            return rows
 
         return self._writer.submit(q)
 
