@@ -249,8 +249,12 @@ class RunManager:
         ):
             return None
         early = EarlyTurn()
+        try:
+            early.deferred = self._gw.provider.turn(request, early.on_text)
+        except Exception:  # a provider that raises instead of failing its Deferred
+            _log.failure("could not start a turn early; the run will ask again")
+            return None
         self._reserved += 1
-        early.deferred = self._gw.provider.turn(request, early.on_text)
         return early
 
     def _provider_request(

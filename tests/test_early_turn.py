@@ -184,3 +184,25 @@ def test_an_abort_cancels_the_turn_taken_early(tmp_path: Any) -> None:
     failures: list[Failure] = []
     waiting.addErrback(failures.append)
     assert failures == [] or failures[0].check(CancelledError)
+
+
+def test_a_provider_that_raises_early_is_asked_again_by_the_run(tmp_path: Any) -> None:
+    cg, writer, provider = held(str(tmp_path))
+    calls: list[str] = []
+    real_turn = provider.turn
+
+    def turn(request: ProviderRequest, on_text: Callable[[str], None]) -> Any:
+        calls.append(request.messages[-1].content)
+        if len(calls) == 1:
+            raise RuntimeError("a provider bug")
+        return real_turn(request, on_text)
+
+    provider.turn = turn
+    results = submit(cg, "hello")
+    assert calls == ["hello"] and cg.gw.runs._reserved == 0
+    writer.flush()
+    assert calls == ["hello", "hello"]  # the run asked again, the usual way
+    provider.release()
+    writer.flush()
+    assert results[0].run.status == "completed" and cg.gw.runs._reserved == 0
+    assert cg.gw.runs._submitting == {}
