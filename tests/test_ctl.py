@@ -274,8 +274,14 @@ def test_config_logs_backup(gateway: Process) -> None:
 def test_logs_follow(gateway: Process) -> None:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAYD_")}
     child_env.update(GATEWAYD_URL=gateway.url, GATEWAYD_TOKEN=ADMIN)
+    # as from a terminal: a shell's background job inherits SIGINT ignored, and Python then
+    # never turns it into KeyboardInterrupt, so the child sets Ctrl-C's usual meaning itself
+    ctrl_c = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv = ['gatewayctl'] + sys.argv[1:]; runpy.run_module('gatewayd.ctl', run_name='__main__')"
+    )
     follow = subprocess.Popen(
-        [sys.executable, "-m", "gatewayd.ctl", "logs", "--follow", "--lines", "1"],
+        [sys.executable, "-c", ctrl_c, "logs", "--follow", "--lines", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
