@@ -524,6 +524,18 @@ class CronService(Service):
         await d
         return new
 
+    async def disable_owned_by(self, token_id: str) -> list[str]:
+        """Disable the enabled jobs a (revoked) token made; their ids."""
+        await self.ready()
+        ids = [
+            j.id
+            for j in self._jobs.values()
+            if j.owner == token_id and j.origin == "api" and j.enabled
+        ]
+        for job_id in ids:
+            await self.update(job_id, {"enabled": False})
+        return ids
+
     async def remove(self, job_id: str) -> None:
         """Forget a job and its history; a run it started finishes on its own."""
         await self.ready()

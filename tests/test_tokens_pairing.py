@@ -481,6 +481,30 @@ class _Stream(Protocol):
 
 
 @pytest_twisted.ensureDeferred
+async def test_revoking_a_token_disables_its_cron_jobs(tmp_path: Any) -> None:
+    g = await start_gateway(str(tmp_path))
+    try:
+        code, made, _ = await jcall(g, "POST", "/api/tokens", {"name": "ops", "role": "operator"})
+        assert code == 201
+        job = {"schedule": {"type": "every", "seconds": 3600}, "payload": {"prompt": "tick"}}
+        code, theirs, _ = await jcall(g, "POST", "/api/cron", job, token=made["token"])
+        assert code == 201 and theirs["enabled"] is True
+        code, mine, _ = await jcall(g, "POST", "/api/cron", job, token=OPERATOR)
+        assert code == 201
+        assert (await jcall(g, "DELETE", f"/api/tokens/{made['id']}"))[0] == 204
+        code, after, _ = await jcall(g, "GET", f"/api/cron/{theirs['id']}")
+        assert code == 200 and after["enabled"] is False and after["next_run_at"] is None
+        code, other, _ = await jcall(g, "GET", f"/api/cron/{mine['id']}")
+        assert other["enabled"] is True  # another token's job is left alone
+        code, activity, _ = await jcall(g, "GET", "/api/activity?audit=true&limit=50")
+        assert code == 200
+        actions = [(a["action"], a["target"]) for a in activity["events"]]
+        assert ("cron.disable", theirs["id"]) in actions
+    finally:
+        await g.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_revoking_a_token_ends_its_open_sse_stream(tmp_path: Any) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol

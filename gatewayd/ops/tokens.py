@@ -91,6 +91,15 @@ def revoke_in_memory(gw: Gateway, token_id: str) -> None:
     gw.tokens.remove_stored(token_id)
 
 
+async def disable_jobs_of(gw: Gateway, principal: Principal | None, token_id: str) -> None:
+    """A revoked token's cron jobs stop firing (disabled, not deleted: an admin may look at
+    them and turn them back on)."""
+    if gw.cron is None:
+        return
+    for job_id in await gw.cron.disable_owned_by(token_id):
+        gw.audit(principal, "cron.disable", job_id, reason="its token was revoked")
+
+
 @operation("tokens.list", "admin", summary="Tokens made over the API (never their secrets)")
 async def tokens_list(gw: Gateway, call: Call, p: dict[str, Any]) -> dict[str, Any]:
     rows = await gw.store.list_tokens()
@@ -151,5 +160,6 @@ async def tokens_revoke(gw: Gateway, call: Call, p: dict[str, Any]) -> None:
     revoke_in_memory(gw, token_id)
     gw.bus.publish("token_revoked", token_id=token_id)
     gw.audit(call.principal, "token.revoke", token_id)
+    await disable_jobs_of(gw, call.principal, token_id)
     if revoked.get("device_id"):
         gw.bus.publish("device_revoked", device_id=revoked["device_id"])
