@@ -676,6 +676,22 @@ async def test_a_request_on_a_pooled_connection_leaves_at_once() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upstream_cookie_is_never_sent_back() -> None:
+    """One user's run must not carry what the model API set during another's."""
+    standin = OpenAIStandIn(api_key=KEY)
+    first = Stream(openai_text_chunks("one"))
+    first.headers["Set-Cookie"] = "sid=from-someone-else; Path=/"
+    standin.script += [first, Stream(openai_text_chunks("two"))]
+    rig = Rig(standin, OpenAIProvider)
+    try:
+        await rig.turn(request(ChatMessage("user", "first")))
+        assert (await rig.turn(request(ChatMessage("user", "second")))).text == "two"
+        assert [r.headers.get("cookie") for r in standin.requests] == [None, None]
+    finally:
+        await rig.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_openai_tool_call_round_trip_and_history_shape() -> None:
     standin = OpenAIStandIn(api_key=KEY)
     args = '{"command": "echo \\"hi there\\""}'
@@ -1051,3 +1067,14 @@ async def test_anthropic_bad_key_hang_cancel_check_embeddings() -> None:
         assert rig.provider.models() == ["m-1"]
     finally:
         await rig.close()
+
+
+def test_upstream_urls_are_made_uris_once() -> None:
+    from gatewayd.agent.providers.http import _URI, _parse_url
+
+    ascii_url = _parse_url("http://127.0.0.1:8000/v1/chat/completions")
+    assert isinstance(ascii_url, _URI) and ascii_url.to_uri() is ascii_url
+    assert ascii_url.to_text() == "http://127.0.0.1:8000/v1/chat/completions"
+    other = _parse_url("http://127.0.0.1:8000/v1/modèles")
+    assert not isinstance(other, _URI)  # treq percent-encodes it on each request
+    assert other.to_uri().to_text() == "http://127.0.0.1:8000/v1/mod%C3%A8les"

@@ -95,6 +95,15 @@ def test_incomplete_event_at_close_is_dropped() -> None:
     assert decoder.close() == []
 
 
+def test_events_come_one_at_a_time_and_unread_ones_wait() -> None:
+    d = SSEDecoder()
+    it = d.iter_feed(b"data: a\n\ndata: b\n\ndata: c\n")
+    assert next(it).data == "a"  # the rest of the chunk is not decoded yet
+    it.close()  # the caller stops early (say, the stream said it was done)
+    # what was not read waits in the buffer for the next bytes
+    assert [e.data for e in d.feed(b"\n")] == ["b", "c"]
+
+
 def test_limits_bound_memory() -> None:
     decoder = SSEDecoder(max_event_bytes=64)
     with pytest.raises(SSEDecodeError):

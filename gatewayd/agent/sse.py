@@ -11,6 +11,7 @@ which is what makes any split point safe.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import attrs
 
@@ -53,8 +54,16 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Take the next bytes of the stream; return the events they completed, in order."""
+        return list(self.iter_feed(chunk))
+
+    def iter_feed(self, chunk: bytes) -> Iterator[SSEEvent]:
+        """:meth:`feed`, an event at a time: each is yielded as soon as its blank line is
+        read, so a burst's first token need not wait for the rest of the burst to be decoded.
+
+        A caller that stops early leaves the unread lines buffered for the next call.
+        """
         if not chunk:
-            return []
+            return
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -63,29 +72,29 @@ class SSEDecoder:
         if not self._started:
             # A BOM may itself arrive split; wait until we can tell.
             if len(self._buf) < len(_BOM) and _BOM.startswith(bytes(self._buf)):
-                return []
+                return
             if self._buf.startswith(_BOM):
                 del self._buf[: len(_BOM)]
             self._started = True
-        events: list[SSEEvent] = []
         pos = 0
         buf = self._buf
         end = len(buf)
-        while pos < end:
-            m = _EOL.search(buf, pos)
-            if m is None:
-                break
-            line = bytes(buf[pos : m.start()])
-            if m.end() == end and m.group() == b"\r":
-                self._skip_lf = True
-            pos = m.end()
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-        del buf[:pos]
+        try:
+            while pos < end:
+                m = _EOL.search(buf, pos)
+                if m is None:
+                    break
+                line = bytes(buf[pos : m.start()])
+                if m.end() == end and m.group() == b"\r":
+                    self._skip_lf = True
+                pos = m.end()
+                event = self._line(line)
+                if event is not None:
+                    yield event
+        finally:
+            del buf[:pos]
         if len(buf) > self._max:
             raise SSEDecodeError(f"an event-stream line is longer than {self._max} bytes")
-        return events
 
     def close(self) -> list[SSEEvent]:
         """The stream ended.  Per the spec an event without its blank line is dropped."""

@@ -26,8 +26,8 @@ from gatewayd.agent.base import (
 )
 from gatewayd.agent.providers.http import UpstreamError
 from gatewayd.agent.providers.openai import as_int, parse_arguments
-from gatewayd.agent.providers.remote import RemoteProvider
-from gatewayd.agent.sse import SSEDecodeError, SSEDecoder, SSEEvent
+from gatewayd.agent.providers.remote import RemoteProvider, SSETurnStream
+from gatewayd.agent.sse import SSEEvent
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -131,7 +131,7 @@ class _Block:
     json_parts: list[str] = attrs.Factory(list)
 
 
-class AnthropicStream:
+class AnthropicStream(SSETurnStream):
     """Assemble a Messages API event stream into a :class:`ProviderTurn`.
 
     Pure, like :class:`~gatewayd.agent.providers.openai.OpenAIStream`: :meth:`feed` bytes
@@ -139,28 +139,17 @@ class AnthropicStream:
     types (thinking, server tools, future additions) are ignored.
     """
 
+    label = "anthropic"
+
     def __init__(self, on_text: Callable[[str], None]) -> None:
+        super().__init__()  # done once ``message_stop`` arrives
         self._on_text = on_text
-        self._sse = SSEDecoder()
         self._text: list[str] = []
         self._blocks: dict[int, _Block] = {}
         self._calls: dict[int, ToolCall] = {}
         self._input = 0
         self._output = 0
         self._stop_reason: str | None = None
-        self.done = False
-
-    def feed(self, chunk: bytes) -> bool:
-        """Take raw body bytes; True once ``message_stop`` arrived."""
-        try:
-            events = self._sse.feed(chunk)
-        except SSEDecodeError as exc:
-            raise UpstreamError(f"anthropic: {exc}", "upstream_error") from None
-        for event in events:
-            if self.done:
-                break
-            self.feed_event(event)
-        return self.done
 
     def feed_event(self, event: SSEEvent) -> None:
         if not event.data.strip():

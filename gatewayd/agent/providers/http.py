@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import attrs
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -333,6 +334,32 @@ def _body_producer(data: Any) -> Any:
     return IBodyProducer(data)
 
 
+class _URI(EncodedURL):
+    """An upstream URL already in URI form (ASCII): treq's ``to_uri()`` on every request
+    would only rebuild an equal URL, part by part, so it is the URL itself."""
+
+    def to_uri(self) -> _URI:
+        return self
+
+
+def _parse_url(url: str) -> EncodedURL:
+    plain = EncodedURL.from_text(url)
+    if plain.to_uri() != plain:
+        return plain  # it needs encoding: treq does that on each request
+    return _URI.from_text(url)
+
+
+class _NoCookies(IndexableCookieJar):
+    """Model APIs are not browsers: a cookie one run's answer set must not ride along with
+    another user's request, so none is kept or sent (treq keeps a jar per client)."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
     """Agent's standard endpoints (TCP, TLS for https), made once per origin.
@@ -418,7 +445,7 @@ class UpstreamHTTP:
         self._pool = _Pool(reactor, persistent=True)
         endpoints = _Endpoints(reactor, settings.connect_timeout_s)
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
-        self._treq = HTTPClient(agent, data_to_body_producer=_body_producer)
+        self._treq = HTTPClient(agent, cookiejar=_NoCookies(), data_to_body_producer=_body_producer)
         #: parsed URLs: a provider asks the same few again and again
         self._urls: dict[str, EncodedURL] = {}
 
@@ -580,7 +607,7 @@ class UpstreamHTTP:
         if parsed is None:
             if len(self._urls) >= 64:
                 self._urls.clear()
-            parsed = self._urls[url] = EncodedURL.from_text(url)
+            parsed = self._urls[url] = _parse_url(url)
         self._pool.handed = None
         d = self._treq.request(
             method,

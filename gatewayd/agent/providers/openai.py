@@ -25,8 +25,8 @@ from gatewayd.agent.base import (
     Usage,
 )
 from gatewayd.agent.providers.http import UpstreamError
-from gatewayd.agent.providers.remote import RemoteProvider
-from gatewayd.agent.sse import SSEDecodeError, SSEDecoder, SSEEvent
+from gatewayd.agent.providers.remote import RemoteProvider, SSETurnStream
+from gatewayd.agent.sse import SSEEvent
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -132,7 +132,7 @@ class _PartialCall:
         )
 
 
-class OpenAIStream:
+class OpenAIStream(SSETurnStream):
     """Assemble a ``chat.completion.chunk`` stream into a :class:`ProviderTurn`.
 
     Pure: feed it bytes as they come (:meth:`feed`), or decoded events or chunks, then call
@@ -141,26 +141,15 @@ class OpenAIStream:
     usage is read from whichever chunk carries it (the last one, with ``include_usage``).
     """
 
+    label = "openai"
+
     def __init__(self, on_text: Callable[[str], None]) -> None:
+        super().__init__()  # done once ``data: [DONE]`` arrives
         self._on_text = on_text
-        self._sse = SSEDecoder()
         self._text: list[str] = []
         self._calls: dict[int, _PartialCall] = {}
         self._usage: Usage | None = None
         self._finish_reason: str | None = None
-        self.done = False
-
-    def feed(self, chunk: bytes) -> bool:
-        """Take raw body bytes; True once ``data: [DONE]`` arrived."""
-        try:
-            events = self._sse.feed(chunk)
-        except SSEDecodeError as exc:
-            raise UpstreamError(f"openai: {exc}", "upstream_error") from None
-        for event in events:
-            if self.done:
-                break
-            self.feed_event(event)
-        return self.done
 
     def feed_event(self, event: SSEEvent) -> None:
         data = event.data.strip()

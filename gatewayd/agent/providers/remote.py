@@ -9,7 +9,8 @@ from typing import Any, ClassVar, Protocol
 from twisted.internet.defer import Deferred
 
 from gatewayd.agent.base import ProviderTurn
-from gatewayd.agent.providers.http import HTTPSettings, UpstreamHTTP
+from gatewayd.agent.providers.http import HTTPSettings, UpstreamError, UpstreamHTTP
+from gatewayd.agent.sse import SSEDecodeError, SSEDecoder, SSEEvent
 
 
 class TurnStream(Protocol):
@@ -18,6 +19,35 @@ class TurnStream(Protocol):
     def feed(self, chunk: bytes) -> bool: ...
 
     def finish(self) -> ProviderTurn: ...
+
+
+class SSETurnStream:
+    """What both wire formats share: body bytes in, SSE events out, one at a time.
+
+    Each event is handled as soon as it is decoded, so the first token of a burst reaches
+    the run before the rest of the burst is even split into lines.
+    """
+
+    #: prefixes decoding errors ("openai: ...")
+    label: ClassVar[str] = "upstream"
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take raw body bytes; True once the answer's end arrived."""
+        try:
+            for event in self._sse.iter_feed(chunk):
+                self.feed_event(event)
+                if self.done:
+                    break
+        except SSEDecodeError as exc:
+            raise UpstreamError(f"{self.label}: {exc}", "upstream_error") from None
+        return self.done
+
+    def feed_event(self, event: SSEEvent) -> None:
+        raise NotImplementedError
 
 
 class RemoteProvider:
