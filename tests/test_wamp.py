@@ -190,6 +190,25 @@ async def test_ticket_auth_accept_and_reject(tmp_path: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_that_never_says_hello_is_closed(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twisted.internet import reactor
+
+    from gatewayd.web import wamp
+    from tests.wsclient import connect
+
+    monkeypatch.setattr(wamp, "HELLO_TIMEOUT_S", 0.3)
+    async with running(tmp_path) as env:
+        client = await connect(env.g.url, "/wamp", protocols=["wamp.2.json"])
+        assert client.protocol_in_use == "wamp.2.json"
+        abort = await client.recv()  # nothing sent: the server gives up on us
+        assert abort[0] == 3 and abort[2] == "wamp.error.timeout"  # ABORT
+        _, code, _ = await client.closed.addTimeout(TIMEOUT, reactor)
+        assert code == 1008
+
+
+@pytest_twisted.ensureDeferred
 async def test_handshake_refusals(tmp_path: Any) -> None:
     async with running(tmp_path) as env:
         port, wamp = env.g.port, {"Sec-WebSocket-Protocol": "wamp.2.json"}
