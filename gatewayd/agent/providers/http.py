@@ -40,6 +40,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
@@ -380,8 +381,8 @@ class _Endpoints:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._made.get(key)
         if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise ValueError(f"unsupported scheme {uri.scheme!r}")
+            if uri.scheme not in (b"http", b"https"):  # Agent turns this into a failure
+                raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
             tcp = HostnameEndpoint(
                 self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._timeout
             )
