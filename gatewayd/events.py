@@ -125,7 +125,12 @@ class EventBus:
             self._next_id = floor + 1
             self.first_id = self._next_id
             kept = yield self._store.kept_events(self._buffer.maxlen)
-            self._buffer.extend(_stored_event(row) for row in kept)
+            for row in kept:
+                try:
+                    self._buffer.append(_stored_event(row))
+                except (ValueError, TypeError, AttributeError):
+                    # a damaged row costs its own replay, never the start
+                    _log.warn("skipped stored event {id}: it does not parse", id=row[0])
             yield self._reserve()
 
     def _reserve(self) -> Deferred[None]:

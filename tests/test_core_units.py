@@ -253,3 +253,26 @@ def test_a_store_this_build_lacks_is_refused_by_name(tmp_path: Any) -> None:
     with pytest.raises(ConfigError) as e:
         store_path(config, str(tmp_path))
     assert str(e.value).startswith("store.url: unsupported store 'postgresql'")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_damaged_stored_event_is_skipped_not_fatal(tmp_path: Any) -> None:
+    from twisted.internet import reactor
+
+    path = str(tmp_path / "db.sqlite3")
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    bus = EventBus(reactor, store)
+    await bus.start()
+    first, second = bus.publish("session_created"), bus.publish("session_created")
+    await bus.flush()
+    await store.run(
+        lambda c: c.execute("UPDATE events SET body = 'not json' WHERE id = ?", (first.id,))
+    )
+    await store.stop()
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    bus2 = EventBus(reactor, store)
+    await bus2.start()
+    assert [e.id for e in bus2.replay(second.id - 1) or []] == [second.id]
+    await store.stop()
