@@ -1,7 +1,7 @@
 """Real JavaScript clients against a real ``twistd -n gateway`` process: ``node --test tests/js/``.
 
-The node tests (``ws`` for typed frames and JSON-RPC, ``eventsource`` for SSE resume, and the
-official ``openai`` package) read ``GATEWAYD_URL`` and ``GATEWAYD_TOKEN`` (a chat token).
+The node tests (``ws`` for typed frames and JSON-RPC, ``eventsource`` for SSE resume, the
+official ``openai`` package, and ``autobahn`` for WAMP) read ``GATEWAYD_URL`` and ``GATEWAYD_TOKEN`` (a chat token).
 Skipped only when ``node`` is not installed; without ``node_modules`` this runs ``npm ci``
 first (the lock file is committed), so in CI the clients always run.
 """
