@@ -21,7 +21,7 @@ from gatewayd.auth import Principal, hash_token, new_id
 from gatewayd.config import ROLES
 from gatewayd.errors import GatewayError, not_found
 from gatewayd.ops import Call, Param, operation
-from gatewayd.ops.tokens import disable_jobs_of, issue_token, revoke_in_memory
+from gatewayd.ops.tokens import issue_token, revoked
 from gatewayd.ratelimit import address_key
 from gatewayd.schedule import rfc3339
 
@@ -225,8 +225,6 @@ async def devices_revoke(gw: Gateway, call: Call, p: dict[str, Any]) -> None:
     row = await gw.store.revoke_device(device_id, gw.clock.seconds())
     if row is None:
         raise not_found("no such device")
-    revoke_in_memory(gw, row["token_id"])
     gw.bus.publish("device_revoked", device_id=device_id)
-    gw.bus.publish("token_revoked", token_id=row["token_id"])
     gw.audit(call.principal, "device.revoke", device_id, token_id=row["token_id"])
-    await disable_jobs_of(gw, call.principal, row["token_id"])
+    await revoked(gw, call.principal, row["token_id"])

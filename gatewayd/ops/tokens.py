@@ -86,18 +86,15 @@ async def issue_token(
     return token, row
 
 
-def revoke_in_memory(gw: Gateway, token_id: str) -> None:
-    """Fail the token at once and close its streams (TokenRegistry's revoke listeners)."""
+async def revoked(gw: Gateway, principal: Principal | None, token_id: str) -> None:
+    """What revoking a token means, whichever operation revoked it (tokens, devices): it
+    fails at once, its streams close (TokenRegistry's revoke listeners), and its cron jobs
+    stop firing (disabled, not deleted: an admin may look at them and turn them back on)."""
     gw.tokens.remove_stored(token_id)
-
-
-async def disable_jobs_of(gw: Gateway, principal: Principal | None, token_id: str) -> None:
-    """A revoked token's cron jobs stop firing (disabled, not deleted: an admin may look at
-    them and turn them back on)."""
-    if gw.cron is None:
-        return
-    for job_id in await gw.cron.disable_owned_by(token_id):
-        gw.audit(principal, "cron.disable", job_id, reason="its token was revoked")
+    gw.bus.publish("token_revoked", token_id=token_id)
+    if gw.cron is not None:
+        for job_id in await gw.cron.disable_owned_by(token_id):
+            gw.audit(principal, "cron.disable", job_id, reason="its token was revoked")
 
 
 @operation("tokens.list", "admin", summary="Tokens made over the API (never their secrets)")
@@ -154,12 +151,10 @@ async def tokens_create(gw: Gateway, call: Call, p: dict[str, Any]) -> dict[str,
 )
 async def tokens_revoke(gw: Gateway, call: Call, p: dict[str, Any]) -> None:
     token_id = p["token_id"]
-    revoked = await gw.store.revoke_token(token_id, gw.clock.seconds())
-    if revoked is None:
+    row = await gw.store.revoke_token(token_id, gw.clock.seconds())
+    if row is None:
         raise not_found("no such token")
-    revoke_in_memory(gw, token_id)
-    gw.bus.publish("token_revoked", token_id=token_id)
     gw.audit(call.principal, "token.revoke", token_id)
-    await disable_jobs_of(gw, call.principal, token_id)
-    if revoked.get("device_id"):
-        gw.bus.publish("device_revoked", device_id=revoked["device_id"])
+    await revoked(gw, call.principal, token_id)
+    if row.get("device_id"):
+        gw.bus.publish("device_revoked", device_id=row["device_id"])
