@@ -146,22 +146,25 @@ def test_bus_replay_filters_and_reset() -> None:
     assert seen == [10]
 
 
-@pytest_twisted.ensureDeferred
-async def test_event_ids_never_go_backwards_across_restarts(tmp_path: Any) -> None:
+async def open_bus(path: str, buffer_size: int = 10000) -> tuple[SQLiteStore, EventBus]:
+    """A started SQLite store at ``path`` and a started bus on it (a gateway's start, in small)."""
     from twisted.internet import reactor
 
-    path = str(tmp_path / "db.sqlite3")
     store = SQLiteStore(reactor, path)
     await store.start()
-    bus = EventBus(reactor, store)
+    bus = EventBus(reactor, store, buffer_size=buffer_size)
     await bus.start()
+    return store, bus
+
+
+@pytest_twisted.ensureDeferred
+async def test_event_ids_never_go_backwards_across_restarts(tmp_path: Any) -> None:
+    path = str(tmp_path / "db.sqlite3")
+    store, bus = await open_bus(path)
     last = [bus.publish("session_created").id for _ in range(3)][-1]
     await bus.flush()
     await store.stop()
-    store = SQLiteStore(reactor, path)
-    await store.start()
-    bus2 = EventBus(reactor, store)
-    await bus2.start()
+    store, bus2 = await open_bus(path)
     new = bus2.publish("session_created", owner="o", title="t")
     assert new.id > last
     # an id saved before the restart still means something: what came after it is replayed
@@ -170,10 +173,7 @@ async def test_event_ids_never_go_backwards_across_restarts(tmp_path: Any) -> No
     assert (second.id, third.id) == (last - 1, last)
     await bus2.flush()
     await store.stop()
-    store = SQLiteStore(reactor, path)
-    await store.start()
-    bus3 = EventBus(reactor, store, buffer_size=2)
-    await bus3.start()
+    store, bus3 = await open_bus(path, buffer_size=2)
     # a smaller buffer keeps the newest events; an id older than those is unknown: reset
     assert [e.id for e in bus3.replay(last)] == [new.id]  # type: ignore[union-attr]
     assert bus3.replay(last - 2) is None
@@ -257,22 +257,14 @@ def test_a_store_this_build_lacks_is_refused_by_name(tmp_path: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_damaged_stored_event_is_skipped_not_fatal(tmp_path: Any) -> None:
-    from twisted.internet import reactor
-
     path = str(tmp_path / "db.sqlite3")
-    store = SQLiteStore(reactor, path)
-    await store.start()
-    bus = EventBus(reactor, store)
-    await bus.start()
+    store, bus = await open_bus(path)
     first, second = bus.publish("session_created"), bus.publish("session_created")
     await bus.flush()
     await store.run(
         lambda c: c.execute("UPDATE events SET body = 'not json' WHERE id = ?", (first.id,))
     )
     await store.stop()
-    store = SQLiteStore(reactor, path)
-    await store.start()
-    bus2 = EventBus(reactor, store)
-    await bus2.start()
+    store, bus2 = await open_bus(path)
     assert [e.id for e in bus2.replay(second.id - 1) or []] == [second.id]
     await store.stop()
