@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -652,6 +653,19 @@ def test_restart_expires_pending_approvals_and_fails_their_runs(tmp_path: Any) -
             assert time.monotonic() < deadline, "no approval appeared"
             time.sleep(0.05)
         [approval] = listing["approvals"]
+        # events are recorded in batches, a moment after they happen: wait until this one is
+        # on disk, so that what the restart replays can be checked
+        db = os.path.join(state, "gatewayd.sqlite3")
+        while True:
+            with sqlite3.connect(db) as conn:
+                stored = conn.execute(
+                    "SELECT count(*) FROM events WHERE type = 'approval_requested' AND run_id = ?",
+                    (run_id,),
+                ).fetchone()[0]
+            if stored:
+                break
+            assert time.monotonic() < deadline, "the approval_requested event was not stored"
+            time.sleep(0.05)
     finally:
         p.kill()  # SIGKILL: nothing gets to clean up
     p2 = spawn(state, env=env, config_text=config())
