@@ -39,6 +39,8 @@ import tempfile
 import time
 from typing import Any
 
+from common import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TOKEN = "bench-token-0123456789abcdefghijklmnop"
@@ -330,7 +332,7 @@ def reach_all(published: dict[str, float], snap: dict[str, Any], n: int) -> list
 
 
 def run_one(kind: str, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     state = tempfile.mkdtemp(prefix="sse-bench-")
     me = [sys.executable, os.path.abspath(__file__)]
     argv = me + ["serve", kind, str(port)] + ([state] if kind == "gatewayd" else [])
@@ -380,12 +382,6 @@ def run_one(kind: str, args: argparse.Namespace, deadline: float) -> dict[str, A
             loader.stop()
         server.stop()
         shutil.rmtree(state, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:

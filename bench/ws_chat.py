@@ -21,7 +21,8 @@ import socket
 import tempfile
 import time
 
-from ws_common import TOKEN, Server, client_frame, cpu_seconds, free_port, open_many, split_frames
+from common import free_port
+from ws_common import TOKEN, Server, client_frame, cpu_seconds, open_many, split_frames
 
 
 def run_load(server: Server, conns: int, seconds: float, what: str) -> dict[str, float]:

@@ -238,12 +238,6 @@ class Server:
             self.proc.wait(5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- the raw client --------------------------------------------------------------------------------
 
 

@@ -25,11 +25,11 @@ import threading
 import time
 from typing import Any
 
+from common import free_port
 from ws_common import (
     TOKEN,
     Server,
     client_frame,
-    free_port,
     open_many,
     raise_nofile,
 )

@@ -17,7 +17,8 @@ import shutil
 import tempfile
 import time
 
-from ws_common import Server, client_frame, free_port, open_many, raise_nofile
+from common import free_port
+from ws_common import Server, client_frame, open_many, raise_nofile
 
 
 def measure(kind: str, n: int) -> dict[str, float]:
