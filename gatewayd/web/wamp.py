@@ -29,9 +29,6 @@ import txaio
 
 txaio.use_twisted()
 
-from autobahn.twisted.websocket import (  # noqa: E402  (txaio must choose Twisted first)
-    WebSocketServerProtocol,
-)
 from autobahn.wamp import message  # noqa: E402
 from autobahn.wamp.exception import ProtocolError  # noqa: E402
 from autobahn.wamp.interfaces import IMessage  # noqa: E402
@@ -40,7 +37,6 @@ from autobahn.wamp.serializer import JsonSerializer, Serializer  # noqa: E402
 from autobahn.websocket.protocol import WebSocketProtocol  # noqa: E402
 from autobahn.websocket.types import ConnectionRequest  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
-from twisted.internet.protocol import connectionDone  # noqa: E402
 from twisted.logger import Logger  # noqa: E402
 from twisted.python.failure import Failure  # noqa: E402
 from twisted.web.iweb import IRequest  # noqa: E402
@@ -52,10 +48,9 @@ from gatewayd.auth import Principal  # noqa: E402
 from gatewayd.errors import GatewayError  # noqa: E402
 from gatewayd.events import Event, Subscription  # noqa: E402
 from gatewayd.ops.events import subscription_filter  # noqa: E402
-from gatewayd.streams import StreamHandle  # noqa: E402
 from gatewayd.web import rpc, ws  # noqa: E402
 from gatewayd.web.common import authenticate, render_error  # noqa: E402
-from gatewayd.web.ws import HardenedFactory, RateWindow  # noqa: E402
+from gatewayd.web.ws import HardenedFactory, RateWindow, TrackedProtocol  # noqa: E402
 from gatewayd.web.ws_handshake import (  # noqa: E402
     _take_over,
     offered_protocols,
@@ -134,7 +129,7 @@ def call_params(msg: message.Call) -> dict[str, Any]:
     raise rpc.RpcError(rpc.INVALID_PARAMS, "pass parameters as keyword arguments (or one dict)")
 
 
-class WampProtocol(WebSocketServerProtocol):
+class WampProtocol(TrackedProtocol):
     """One WAMP client: at most one session, joined to realm ``gatewayd``."""
 
     _log = Logger()
@@ -142,7 +137,6 @@ class WampProtocol(WebSocketServerProtocol):
     #: set before the upgrade when the HTTP handshake carried credentials
     principal: Principal | None = None
     peer_host: str = ""
-    handle: StreamHandle | None = None
     serializer: Serializer | None = None
     phase: int = _HELLO
     session_id: int = 0
@@ -151,7 +145,6 @@ class WampProtocol(WebSocketServerProtocol):
     #: bytes written while the transport asked us to pause (reset when it resumes)
     _backlog: int = 0
     _paused: bool = False
-    _gone: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -219,34 +212,9 @@ class WampProtocol(WebSocketServerProtocol):
                 _log.failure("WAMP message handling failed")
                 self._abort("wamp.error.internal", "internal error", 1011)
 
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        # Autobahn leaves this timer behind when the TCP goes before the close reply
-        call = getattr(self, "closeHandshakeTimeoutCall", None)
-        if call is not None:
-            self.closeHandshakeTimeoutCall = None
-            try:
-                call.cancel()
-            except ValueError:  # pragma: no cover - already fired
-                pass
-        self._cleanup()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        try:
-            super().connectionLost(reason)
-        finally:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self._gone:
-            return
-        self._gone = True
+    def _release(self) -> None:
         self._end_session()
         self._cancel_hello_timer()
-        handle = self.handle
-        if handle is not None:
-            handle.release()
-        factory = cast("WampFactory", self.factory)
-        factory.forget(self)
 
     def _cancel_hello_timer(self) -> None:
         timer = self._hello_timer

@@ -172,7 +172,50 @@ class RateWindow:
 # -- the protocol --------------------------------------------------------------------------
 
 
-class GatewayWsProtocol(WebSocketServerProtocol):
+class TrackedProtocol(WebSocketServerProtocol):
+    """A connection of a :class:`HardenedFactory` (``/ws`` and ``/wamp``): however it ends,
+    a close handshake or the TCP going first, it lets go of what it holds exactly once."""
+
+    #: the per-token stream registration (set by the endpoint before the upgrade)
+    handle: StreamHandle | None = None
+    _gone: bool = False
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # Autobahn leaves this timer behind when the TCP goes before the close reply
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            self.closeHandshakeTimeoutCall = None
+            try:
+                call.cancel()
+            except ValueError:  # pragma: no cover - already fired
+                pass
+        self._closed(wasClean)
+        self._cleanup()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self._cleanup()
+
+    def _closed(self, was_clean: bool) -> None:
+        """The close is known (before any cleanup); for metrics."""
+
+    def _release(self) -> None:
+        """What the protocol itself holds (subscriptions, timers, queues)."""
+
+    def _cleanup(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        self._release()
+        handle = self.handle
+        if handle is not None:
+            handle.release()
+        cast("HardenedFactory", self.factory).forget(self)
+
+
+class GatewayWsProtocol(TrackedProtocol):
     """One WebSocket client.  State beyond Autobahn's is set only once it is needed."""
 
     _log = Logger()
@@ -181,7 +224,6 @@ class GatewayWsProtocol(WebSocketServerProtocol):
     principal: Principal
     bound_session: str | None = None
     peer_host: str = ""
-    handle: StreamHandle | None = None
     mode: int = _UNDECIDED
     _rate: RateWindow | None = None
     _sub: Subscription | None = None
@@ -190,7 +232,6 @@ class GatewayWsProtocol(WebSocketServerProtocol):
     _queue: deque[bytes] | None = None
     _backlog: int = 0
     _paused: bool = False
-    _gone: bool = False
     _opened: bool = False
 
     # -- Autobahn callbacks ----------------------------------------------------------------
@@ -256,38 +297,16 @@ class GatewayWsProtocol(WebSocketServerProtocol):
         else:
             rpc.dispatch(self._rpc_context(), message).addCallbacks(self._rpc_reply, self._crashed)
 
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        # Autobahn leaves this timer behind when the TCP goes before the close reply
-        call = getattr(self, "closeHandshakeTimeoutCall", None)
-        if call is not None:
-            self.closeHandshakeTimeoutCall = None
-            try:
-                call.cancel()
-            except ValueError:  # pragma: no cover - already fired
-                pass
+    def _closed(self, was_clean: bool) -> None:
         metrics = getattr(self.gw, "metrics", None)
         if self._opened and not self._gone and metrics is not None:
             mine = self.localCloseCode if self.closedByMe else self.remoteCloseCode
-            metrics.ws_closed(mine if wasClean else None)
-        self._cleanup()
+            metrics.ws_closed(mine if was_clean else None)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        try:
-            super().connectionLost(reason)
-        finally:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        if self._gone:
-            return
-        self._gone = True
+    def _release(self) -> None:
         self._unfollow()
         self._queue = None
         self._hold = None
-        handle = self.handle
-        if handle is not None:
-            handle.release()
-        self.factory.forget(self)
 
     # -- sending, with our own count of what the peer has not taken yet ----------------------
 
