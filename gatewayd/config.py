@@ -281,7 +281,7 @@ class DiscordBridge:
 
 @attrs.frozen
 class OutboundWebhookBridge:
-    url: str
+    url: str = attrs.field(metadata=_check(http_url))
     secret: str
     max_attempts: int = attrs.field(default=5, metadata=_check(positive))
     backoff_base_s: float = attrs.field(default=1.0, metadata=_check(positive))

@@ -53,6 +53,10 @@ def test_interpolation_and_defaults() -> None:
             '[bridges.slack]\nbot_token = "x"\nsigning_secret = "y"\napi_base = "slack.com"\n',
             "bridges.slack.api_base: must be an http",
         ),
+        (
+            '[bridges.webhook]\nurl = "hooks.example/in"\nsecret = "whsec_AAAA"\n',
+            "bridges.webhook.url: must be an http",
+        ),
     ],
 )
 def test_config_errors_name_the_key(text: str, message: str) -> None:

@@ -25,7 +25,7 @@ from gatewayd.bridges.records import (
     get_dead_letter,
     update_dead_letter,
 )
-from gatewayd.config import ConfigError
+from gatewayd.config import ConfigError, http_url
 from gatewayd.config import OutboundWebhookBridge as OutboundConfig
 from gatewayd.errors import GatewayError, not_found
 from gatewayd.schedule import rfc3339
@@ -146,7 +146,8 @@ class OutboundWebhook(BaseBridge):
 
 
 def _is_http(url: str) -> bool:
-    return url.startswith(("http://", "https://")) and len(url) > 8
+    """The same rule as the config's URLs (scheme, ASCII host, a valid port)."""
+    return bool(url) and http_url(url) is None
 
 
 def dead_letter_view(letter: DeadLetter) -> dict[str, Any]:
