@@ -226,6 +226,77 @@ async def test_store_is_wal_and_migrated(tmp_path: Any) -> None:
     await store.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_batch_runs_without_savepoints_until_a_call_fails(tmp_path: Any) -> None:
+    """The writer runs a batch back to back, and only after a failure again with a
+    SAVEPOINT per call: the failing call's writes go, everyone else's stay."""
+    import threading
+
+    from twisted.internet import reactor
+
+    store = SQLiteStore(reactor, str(tmp_path / "db.sqlite3"))
+    await store.start()
+    statements: list[str] = []
+    await store.run(lambda c: c.set_trace_callback(statements.append))
+    entered, held, calls = threading.Event(), threading.Event(), {"ok": 0, "boom": 0}
+
+    def hold(conn: sqlite3.Connection) -> None:
+        entered.set()
+        held.wait(10)
+
+    def ok(conn: sqlite3.Connection, key: str) -> str:
+        calls["ok"] += 1
+        conn.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
+        return key
+
+    def boom(conn: sqlite3.Connection) -> None:
+        calls["boom"] += 1
+        conn.execute("INSERT INTO meta VALUES ('gone', 'v')")
+        raise RuntimeError("boom")
+
+    async def batch(*fns: Any) -> list[Any]:
+        """Run ``fns`` as one batch: queued while the writer is held by another call."""
+        entered.clear()
+        held.clear()
+        first = store.run(hold)
+        assert entered.wait(10)
+        ds = [store.run(*fn) for fn in fns]
+        held.set()
+        await first
+        out = []
+        for d in ds:
+            try:
+                out.append(await d)
+            except RuntimeError as e:
+                out.append(e)
+        return out
+
+    # all well: one transaction, no savepoint
+    del statements[:]
+    assert await batch((ok, "a"), (ok, "b")) == ["a", "b"]
+    assert not [s for s in statements if "SAVEPOINT" in s]
+    assert calls == {"ok": 2, "boom": 0}
+
+    # one failure: the batch runs again isolated, and only that call's writes are undone
+    got = await batch((ok, "c"), (boom,), (ok, "d"))
+    assert got[0] == "c" and got[2] == "d" and isinstance(got[1], RuntimeError)
+    assert calls == {"ok": 2 + 3, "boom": 2}  # "c" ran twice, "d" only isolated
+    assert [await store.get_meta(k) for k in ("a", "b", "c", "d", "gone")] == [
+        "v",
+        "v",
+        "v",
+        "v",
+        None,
+    ]
+
+    # a call alone is not run twice
+    calls["boom"] = 0
+    assert isinstance((await batch((boom,)))[0], RuntimeError)
+    assert calls["boom"] == 1
+    await store.run(lambda c: c.set_trace_callback(None))
+    await store.stop()
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -1,9 +1,10 @@
 """A single SQLite writer thread that batches work into one transaction per wake-up.
 
-Every call is a function of a ``sqlite3.Connection``; calls queue in arrival order, so a
-read that follows a write sees it.  The thread drains whatever is queued, runs each call
-inside its own SAVEPOINT (one failure never undoes the others) and commits once, which is
-what lets many concurrent chats persist every message without a commit apiece.  Results go
+Every call is a function of a ``sqlite3.Connection`` with no other effect (it may run twice,
+see :meth:`WriterThread._run_batch`); calls queue in arrival order, so a read that follows a
+write sees it.  The thread drains whatever is queued and runs it in one transaction, where
+one call's failure never undoes the others, and commits once, which is what lets many
+concurrent chats persist every message without a commit apiece.  Results go
 back to the reactor thread with ``callFromThread``; the reactor never waits on SQLite.
 """
 
@@ -101,6 +102,32 @@ class WriterThread:
                 return
 
     def _run_batch(self, conn: sqlite3.Connection, work: list[Any]) -> None:
+        """Run ``work`` in one transaction and hand every result back in one wake-up.
+
+        The calls first run back to back.  Only when one of them raises is the transaction
+        rolled back and the batch run again with a SAVEPOINT around each call, so that the
+        failure is that call's alone.  Savepoints on every call would cost more than the
+        calls: each one makes the full-text index flush its pending terms.  A call may
+        therefore run twice, and must have no effect outside the connection.
+        """
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [(d, fn(conn, *args)) for fn, args, d in work]
+            conn.execute("COMMIT")
+        except BaseException:
+            failure = Failure()
+            _rollback(conn)
+            if len(work) == 1:
+                results = [(work[0][2], failure)]
+            else:
+                results = self._run_isolated(conn, work)
+        # one wake-up of the reactor for the whole batch, not one per call
+        self._reactor.callFromThread(_fire_all, results)
+
+    def _run_isolated(
+        self, conn: sqlite3.Connection, work: list[Any]
+    ) -> list[tuple[Deferred[Any], Any]]:
+        """The batch again, each call in its own SAVEPOINT: one failure never undoes the others."""
         results: list[tuple[Deferred[Any], Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -118,11 +145,15 @@ class WriterThread:
             conn.execute("COMMIT")
         except Exception:
             failure = Failure()
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            _rollback(conn)
             _log.failure("store transaction failed", failure)
             results = [(d, failure) for _, _, d in work]
-        # one wake-up of the reactor for the whole batch, not one per call
-        self._reactor.callFromThread(_fire_all, results)
+        return results
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
