@@ -553,6 +553,47 @@ def test_file_log_scrubs_secrets_and_rotates(tmp_path: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_access_lines_are_written_as_the_json_observer_would(tmp_path: Any) -> None:
+    """The access log bypasses the log publisher, but its lines read back as any event."""
+    from twisted.logger import LogLevel, eventsFromJSONLogFile, formatEvent
+
+    published: list[dict[str, Any]] = []
+    from twisted.logger import globalLogPublisher
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "gatewayd.access":
+            published.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    g = await start(tmp_path)
+    try:
+        code, _, _ = await request(g, "GET", f"/api/status?token={ADMIN}")
+        assert code == 200
+        code, _, _ = await request(g, "GET", "/api/status", token=None)
+        assert code == 401
+        code, body, _ = await request(g, "POST", "/api/chat", {"message": "hi"})
+        assert code == 200
+        resp = await treq.get(g.url + "/api/status?" + "x" * 9000, headers=auth(ADMIN))
+        assert resp.code == 414
+        await resp.content()
+        code, _, _ = await request(g, "GET", "/health")  # probes are not logged
+    finally:
+        await g.stop()
+        globalLogPublisher.removeObserver(observer)
+    assert published == []  # nothing went through the publisher (nor to standard output)
+    with open(os.path.join(str(tmp_path / "state"), "gatewayd.log"), encoding="utf-8") as f:
+        events = [e for e in eventsFromJSONLogFile(f) if e["log_namespace"] == "gatewayd.access"]
+    assert all(e["log_level"] is LogLevel.info and e["peer"] == "127.0.0.1" for e in events)
+    assert all(abs(e["log_time"] - time.time()) < 60 for e in events)
+    lines = [formatEvent(e) for e in events]
+    assert lines[0].startswith("GET /api/status?token=*** 200 ")
+    assert lines[1].startswith("GET /api/status 401 ")
+    assert lines[2] == f"POST /api/chat 200 {events[2]['length']}"
+    assert lines[3] == "- - 414 refused: uri_too_long"  # refused before it was parsed
+    assert len(lines) == 4 and events[2]["length"] > 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_daemon_logs_tail_then_follow(tmp_path: Any) -> None:
     g = await start(tmp_path)
     gw = g.gateway

@@ -9,7 +9,7 @@
 - Before any resource runs, :meth:`GatewaySite.intercept` answers CORS preflights and applies
   the rate limit (:mod:`gatewayd.ratelimit`); ``/health``, ``/api/health`` and ``/ready``
   are never limited.
-- A cheap structured access log that never records a token.
+- The access log (:mod:`gatewayd.web.access`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from gatewayd.ratelimit import (
     parse_networks,
     rate_headers,
 )
+from gatewayd.web.access import AccessLog
 from gatewayd.web.common import NOT_CHECKED, bearer, dumps
 from gatewayd.web.cors import apply_cors
 from gatewayd.web.limits import LimitedChannel, LimitedRequest, Limits, utf8_target
@@ -48,15 +49,8 @@ if TYPE_CHECKING:
     from gatewayd.config import Config
     from gatewayd.core import Gateway
 
-_access = Logger(namespace="gatewayd.access")
 _log = Logger()
-_UNLOGGED = frozenset({b"/health", b"/ready", b"/api/health"})
-_SECRET_QUERY = re.compile(rb"([?&](?:token|ticket|api_key|key)=)[^&#]*", re.IGNORECASE)
 _JSON = b"application/json"
-
-
-def redact_uri(uri: bytes) -> str:
-    return _SECRET_QUERY.sub(rb"\1***", uri).decode("utf-8", "replace")
 
 
 class Connection(ProtocolWrapper):
@@ -172,7 +166,7 @@ class GatewaySite(Site):
         self.clock = (
             clock if clock is not None else (gateway.clock if gateway is not None else self.reactor)
         )
-        self.access_log = access_log
+        self.access_log = AccessLog(gateway) if access_log else None
         #: maps a transport to its client certificate's identity; injectable for tests
         self.identify = identify
         #: every open connection (the wrappers), for counting and for shutdown
@@ -389,34 +383,14 @@ class GatewaySite(Site):
     def refusal(self, reason: str, channel: GatewayChannel, status: int) -> None:
         """A channel refused a request (413, 408, 414, 431, 400): count and log it."""
         self._count(reason)
-        if not self.access_log:
-            return
-        uri = getattr(channel, "_path", None)
-        method = getattr(channel, "_command", None)
-        peer = getattr(channel.transport.getPeer(), "host", "") if channel.transport else ""
-        _access.info(
-            "{method} {uri} {status} refused: {reason}",
-            method=method.decode("ascii", "replace") if isinstance(method, bytes) else "-",
-            uri=redact_uri(uri) if isinstance(uri, bytes) else "-",
-            status=status,
-            reason=reason,
-            peer=peer,
-        )
+        if self.access_log is not None:
+            self.access_log.refused(channel, status, reason)
 
     def log(self, request: Any) -> None:
         if self.request_finished is not None:
             self.request_finished(request)
-        # liveness and readiness probes would drown the log (and cost a third of their speed)
-        if not self.access_log or request.path in _UNLOGGED:
-            return
-        _access.info(
-            "{method} {uri} {status} {length}",
-            method=request.method.decode("ascii", "replace"),
-            uri=redact_uri(request.uri),
-            status=request.code,
-            length=getattr(request, "sentLength", 0),
-            peer=getattr(request.getClientAddress(), "host", ""),
-        )
+        if self.access_log is not None:
+            self.access_log.request(request)
 
 
 def _route_caps() -> list[tuple[bytes, re.Pattern[bytes], int]]:
