@@ -119,6 +119,28 @@ def test_tokens_by_hash_with_expiry_and_tickets() -> None:
     assert reg.authenticate("static-token-0123456789") is None
 
 
+def test_new_ids_are_unique_random_and_fresh_after_fork() -> None:
+    import os
+    import re
+
+    from gatewayd.auth import new_id
+
+    ids = [new_id("run") for _ in range(3000)]  # several 4 KiB blocks of randomness
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"run_[0-9a-f]{16}", i) for i in ids)
+    new_id("x")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, new_id("x").encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    assert child != new_id("x")  # the child did not reuse the parent's next bytes
+
+
 def test_roles_and_scopes() -> None:
     chat = Principal("c", "chat")
     viewer = Principal("v", "viewer")
@@ -224,6 +246,52 @@ async def test_store_is_wal_and_migrated(tmp_path: Any) -> None:
     assert await d3 == "2"
     assert await store.get_meta("a") is None
     await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_first_schema_store_migrates_and_counts_each_message_once(tmp_path: Any) -> None:
+    """Schema 2 counts messages in a trigger; a store written by schema 1 keeps its counts."""
+    from twisted.internet import reactor
+
+    from gatewayd.store.records import Run, Session
+
+    path = str(tmp_path / "db.sqlite3")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("BEGIN;" + MIGRATIONS[0] + ";PRAGMA user_version=1;COMMIT;")
+    conn.execute("INSERT INTO sessions VALUES ('ses_old', 'tok', '', 1.0, 2.0, 2, '', '')")
+    for i, role in enumerate(("user", "assistant")):
+        conn.execute(
+            "INSERT INTO messages (session_id, role, content, created_at) VALUES (?,?,?,?)",
+            ("ses_old", role, f"old {i}", 1.0 + i),
+        )
+    conn.close()
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    try:
+        assert await store.run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == 2
+        await store.add_message("ses_old", "user", "new", 5.0)
+        old = await store.get_session("ses_old")
+        assert old is not None and (old.message_count, old.last_activity) == (3, 5.0)
+        assert [m.content for m in await store.history("ses_old")] == ["old 0", "old 1", "new"]
+        # a run's user message and its reply: two, and none for a session deleted meanwhile
+        for sid in ("ses_new", "ses_gone"):
+            run = Run(id=f"run_{sid}", session_id=sid, owner="tok", status="queued", created_at=6.0)
+            session = Session(sid, "tok", "", 6.0, 6.0, 0, "", "")
+            await store.begin_run(run, "hi", 6.0, create_session=session)
+        await store.delete_session("ses_gone")
+        for sid in ("ses_new", "ses_gone"):
+            run = Run(
+                id=f"run_{sid}", session_id=sid, owner="tok", status="completed", created_at=6.0
+            )
+            await store.finish_run(run, "hi", 7.0)
+        new = await store.get_session("ses_new")
+        assert new is not None and (new.message_count, new.last_activity) == (2, 7.0)
+        assert [m.role for m in await store.history("ses_new")] == ["user", "assistant"]
+        assert await store.get_session("ses_gone") is None
+        assert await store.history("ses_gone") == []
+        assert (await store.get_run("run_ses_gone")).status == "completed"  # type: ignore[union-attr]
+    finally:
+        await store.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -88,4 +88,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE spend (day TEXT PRIMARY KEY, cents REAL NOT NULL DEFAULT 0);
     """,
+    # 2: a message keeps its session's count and activity in the same step (one statement
+    # per message for the writer, not two: each costs it a wait for the GIL)
+    """
+    CREATE TRIGGER messages_count AFTER INSERT ON messages BEGIN
+        UPDATE sessions SET message_count = message_count + 1,
+            last_activity = max(last_activity, new.created_at)
+        WHERE id = new.session_id;
+    END;
+    """,
 )

@@ -110,6 +110,17 @@ def _insert_session(conn: sqlite3.Connection, s: Session) -> None:
     )
 
 
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (session_id, role, content, created_at, run_id, tool, is_error) "
+    "VALUES (?,?,?,?,?,?,?)"
+)
+#: the same, but nothing when the session is gone (deleted while its run went on)
+_INSERT_MESSAGE_IF_SESSION = (
+    "INSERT INTO messages (session_id, role, content, created_at, run_id, tool, is_error) "
+    "SELECT ?,?,?,?,?,?,? WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?1)"
+)
+
+
 def _insert_message(
     conn: sqlite3.Connection,
     session_id: str,
@@ -120,14 +131,9 @@ def _insert_message(
     tool: str | None,
     is_error: bool,
 ) -> Message:
+    """One message; the ``messages_count`` trigger counts it in its session."""
     cur = conn.execute(
-        "INSERT INTO messages (session_id, role, content, created_at, run_id, tool, is_error) "
-        "VALUES (?,?,?,?,?,?,?)",
-        (session_id, role, content, now, run_id, tool, int(is_error)),
-    )
-    conn.execute(
-        "UPDATE sessions SET message_count = message_count + 1, last_activity = ? WHERE id = ?",
-        (now, session_id),
+        _INSERT_MESSAGE, (session_id, role, content, now, run_id, tool, int(is_error))
     )
     mid = cur.lastrowid
     assert mid is not None
@@ -377,13 +383,10 @@ class SQLiteStore:
 
         def q(conn: sqlite3.Connection) -> None:
             if reply is not None:
-                exists = conn.execute(
-                    "SELECT 1 FROM sessions WHERE id = ?", (run.session_id,)
-                ).fetchone()
-                if exists:
-                    _insert_message(
-                        conn, run.session_id, "assistant", reply, now, run.id, None, False
-                    )
+                conn.execute(
+                    _INSERT_MESSAGE_IF_SESSION,
+                    (run.session_id, "assistant", reply, now, run.id, None, 0),
+                )
             conn.execute(
                 "UPDATE runs SET status=?, response=?, error=?, error_code=?, tokens_in=?, "
                 "tokens_out=?, cost_cents=?, tools_used=?, started_at=?, finished_at=? "
