@@ -307,6 +307,7 @@ class ToolRegistry:
 
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
+        self._all_specs: tuple[ToolSpec, ...] | None = None
 
     def register(self, tool: Tool) -> None:
         if tool.name in self._tools:
@@ -314,6 +315,7 @@ class ToolRegistry:
         if tool.default_policy not in POLICIES:
             raise ValueError(f"tool {tool.name!r} has an invalid default policy")
         self._tools[tool.name] = tool
+        self._all_specs = None
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
@@ -323,6 +325,13 @@ class ToolRegistry:
 
     def specs(self, allowed: Collection[str] | None = None) -> tuple[ToolSpec, ...]:
         """What to tell the provider; ``allowed`` (e.g. an agent's tool list) narrows it."""
+        if allowed is None:  # every run asks: built once
+            if self._all_specs is None:
+                self._all_specs = self._specs(None)
+            return self._all_specs
+        return self._specs(allowed)
+
+    def _specs(self, allowed: Collection[str] | None) -> tuple[ToolSpec, ...]:
         return tuple(
             ToolSpec(name=t.name, description=t.description, input_schema=t.input_schema)
             for t in self._tools.values()

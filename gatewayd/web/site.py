@@ -137,6 +137,14 @@ class GatewayChannel(LimitedChannel):
     site: GatewaySite
     #: (config the answer belongs to, the certificate's principal)
     cert_cache: tuple[Any, Principal | None] | None = None
+    _host: Any = None
+
+    def getHost(self) -> Any:  # noqa: N802 - Twisted's name
+        """The local address, asked of the socket once: every request's ``__init__`` wants it."""
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def refused(self, error: GatewayError) -> None:
         self.site.refusal(error.code, self, error.status)
