@@ -236,12 +236,18 @@ def _stored_event(row: tuple[Any, ...]) -> Event:
     return event
 
 
+#: one statement for any number of events: ``executemany`` would step (and give up and wait
+#: for the GIL) once per row
+_INSERT_EVENTS = (
+    "INSERT OR REPLACE INTO events (id, ts, type, session_id, run_id, owner, body) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
+    "json_extract(value, '$[5]'), json_extract(value, '$[6]') FROM json_each(?)"
+)
+
+
 def _insert_events(conn: sqlite3.Connection, events: list[Event]) -> None:
-    conn.executemany(
-        "INSERT OR REPLACE INTO events (id, ts, type, session_id, run_id, owner, body) "
-        "VALUES (?,?,?,?,?,?,?)",
-        [
-            (e.id, e.ts, e.type, e.session_id, e.run_id, e.owner, e.encoded().decode())
-            for e in events
-        ],
-    )
+    rows = [
+        (e.id, e.ts, e.type, e.session_id, e.run_id, e.owner, e.encoded().decode()) for e in events
+    ]
+    conn.execute(_INSERT_EVENTS, (json.dumps(rows, ensure_ascii=False),))

@@ -411,3 +411,25 @@ async def test_a_damaged_stored_event_is_skipped_not_fatal(tmp_path: Any) -> Non
     store, bus2 = await open_bus(path)
     assert [e.id for e in bus2.replay(second.id - 1) or []] == [second.id]
     await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_events_come_back_byte_for_byte(tmp_path: Any) -> None:
+    """Events are stored in one statement (a JSON array): nothing is lost in the packing."""
+    path = str(tmp_path / "db.sqlite3")
+    store, bus = await open_bus(path)
+    tricky = 'h\u00e9llo "q" \\ \u2028 \U0001f600 \x00 </script>'
+    published = [
+        bus.publish("run_complete", session_id="ses_1", run_id="run_1", owner="t", response=tricky),
+        bus.publish("session_created"),
+        bus.publish("budget_warning", spent_cents=1.25e-7, limit_cents=10**20),
+    ]
+    await bus.flush()
+    await store.stop()
+    store, again = await open_bus(path)
+    back = again.replay(published[0].id - 1) or []
+    assert [e.encoded() for e in back] == [e.encoded() for e in published]
+    assert [(e.type, e.ts, e.payload, e.owner) for e in back] == [
+        (e.type, e.ts, e.payload, e.owner) for e in published
+    ]
+    await store.stop()
