@@ -85,7 +85,9 @@ class Store(Protocol):
     def set_meta(self, key: str, value: str) -> Deferred[None]: ...
 
     # the raw seam: ``fn(connection, *args)`` on the store's writer, in order with every call
-    # (domain modules keep their queries next to their logic: cron, bridges, events, audit)
+    # (domain modules keep their queries next to their logic: cron, bridges, events, audit);
+    # ``fn`` may run twice (a batch is retried call by call after a failure), so it must not
+    # touch anything but the connection, and its arguments must not be one-shot iterators
     url: str
 
     def run(self, fn: Any, *args: Any) -> Deferred[Any]: ...

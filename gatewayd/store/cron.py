@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -150,7 +150,7 @@ def load_job_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
     return conn.execute(f"SELECT {_JOB_COLUMNS} FROM cron_jobs ORDER BY created_at, id").fetchall()
 
 
-def save_jobs(conn: sqlite3.Connection, jobs: Iterable[CronJob]) -> None:
+def save_jobs(conn: sqlite3.Connection, jobs: Sequence[CronJob]) -> None:
     """Insert or replace whole jobs (the service's in-memory copy is the newest)."""
     updates = ", ".join(
         f"{c} = excluded.{c}" for c in (s.strip() for s in _JOB_COLUMNS.split(",")) if c != "id"
@@ -167,7 +167,7 @@ def delete_job(conn: sqlite3.Connection, job_id: str) -> bool:
     return conn.execute("DELETE FROM cron_jobs WHERE id = ?", (job_id,)).rowcount > 0
 
 
-def delete_jobs(conn: sqlite3.Connection, job_ids: Iterable[str]) -> None:
+def delete_jobs(conn: sqlite3.Connection, job_ids: Sequence[str]) -> None:
     for job_id in job_ids:
         delete_job(conn, job_id)
 
