@@ -433,3 +433,41 @@ async def test_stored_events_come_back_byte_for_byte(tmp_path: Any) -> None:
         (e.type, e.ts, e.payload, e.owner) for e in published
     ]
     await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_checkpoints_run_on_their_own_thread(tmp_path: Any) -> None:
+    """The writer leaves the WAL to the checkpoint thread (up to MAX_FRAMES pages), which
+    copies it into the database file while the writer goes on; stopping loses nothing."""
+    import os
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from gatewayd.store.checkpoint import MAX_FRAMES
+
+    path = str(tmp_path / "db.sqlite3")
+    store = SQLiteStore(reactor, path)
+    store.checkpointer.interval = 0.02
+    await store.start()
+    assert await store.run(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == (
+        MAX_FRAMES
+    )
+    for i in range(50):
+        await store.create_session(f"ses_{i}", "tok", "x" * 2000, 1.0)
+        await store.add_message(f"ses_{i}", "user", "y" * 4000, 2.0)
+    written = await store.run(lambda c: c.execute("SELECT max(id) FROM messages").fetchone()[0])
+    assert written == 50
+    # the thread copies the whole log while the writer does nothing about it
+    for _ in range(500):
+        last = store.checkpointer.last
+        if last is not None and last[0] > 100 and last[1] == last[0]:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    assert last is not None and last[0] > 100 and last[1] == last[0]
+    await store.stop()
+    assert not os.path.exists(path + "-wal")  # the last connection folded it in
+    store = SQLiteStore(reactor, path)
+    await store.start()
+    assert len(await store.history("ses_49")) == 1
+    await store.stop()

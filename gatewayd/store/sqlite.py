@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from gatewayd.store import StoreError
+from gatewayd.store.checkpoint import MAX_FRAMES, Checkpointer
 from gatewayd.store.engine import WriterThread
 from gatewayd.store.records import FINAL_RUN_STATES, Interrupted, Message, Run, Session
 from gatewayd.store.schema import MIGRATIONS
@@ -42,6 +44,13 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.executescript(
             "BEGIN;" + MIGRATIONS[number - 1] + f";PRAGMA user_version={number};COMMIT;"
         )
+
+
+_log = Logger()
+
+
+def _checkpoint_rarely(conn: sqlite3.Connection) -> None:
+    conn.execute(f"PRAGMA wal_autocheckpoint={MAX_FRAMES}")
 
 
 def _session(row: tuple[Any, ...]) -> Session:
@@ -171,15 +180,30 @@ class SQLiteStore:
         self.path = path
         self.url = f"sqlite:///{path}"
         self._writer = WriterThread(reactor, path, migrate)
+        self.checkpointer = Checkpointer(reactor, path)
 
     def start(self) -> Deferred[None]:
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-        return self._writer.start()
+        d = self._writer.start()
+        d.addCallback(self._start_checkpoints)
+        return d
+
+    def _start_checkpoints(self, _: None) -> Deferred[None] | None:
+        """Hand checkpoints to their own thread (:mod:`gatewayd.store.checkpoint`)."""
+        try:
+            self.checkpointer.open()
+        except sqlite3.Error:
+            _log.failure("no checkpoint thread: the writer goes on checkpointing itself")
+            return None
+        self.checkpointer.start()
+        return self._writer.submit(_checkpoint_rarely)
 
     def stop(self) -> Deferred[None]:
-        return self._writer.stop()
+        d = self.checkpointer.stop()
+        d.addCallback(lambda _: self._writer.stop())
+        return d
 
     def run(self, fn: Any, *args: Any) -> Deferred[Any]:
         """Run ``fn(conn, *args)`` on the writer thread, in order with every other call."""
