@@ -6,7 +6,8 @@ The machine's speed drifts by ±15% within minutes, so one run of each side says
 a change of a few percent.  This starts the bare twisted.web baseline and both gateways at
 once and drives them in turn with `wrk` for several rounds (alternating which gateway goes
 first), then prints each round and the medians: chats/s, the ratio against the baseline and
-A/B (this tree over the other).  To build the other side, e.g. the previous commit:
+A/B (this tree over the other; the median of the rounds' own A/B is the steadier figure,
+since both sides of a round ran within seconds of each other).  To build the other side, e.g. the previous commit:
 
     git worktree add /tmp/other HEAD~1 && python3.11 -m venv /tmp/other/.venv
     /tmp/other/.venv/bin/pip install -e /tmp/other --config-settings editable_mode=strict
@@ -80,8 +81,9 @@ def main() -> None:
         for p in procs:
             p.wait()
     base, a, b = (statistics.median(rps[name]) for name in ("base", "A", "B"))
+    paired = statistics.median(x / y for x, y in zip(rps["A"], rps["B"], strict=True))
     print(f"median: baseline {base:.0f}  A {a:.0f} ({a / base:.3f})  B {b:.0f} ({b / base:.3f})"
-          f"  A/B {a / b:.3f}")
+          f"  A/B of the medians {a / b:.3f}, median A/B of a round {paired:.3f}")
 
 
 if __name__ == "__main__":
