@@ -133,10 +133,9 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     except ConfigError as e:
         sys.stderr.write(f"gatewayd: config error: {e}\n")
         raise SystemExit(1) from None
-    from gatewayd.config_api import install_sighup
+    from gatewayd.process import run_as_daemon
 
-    service.gateway.stop_process = reactor.stop  # /admin/shutdown: the same path as SIGTERM
-    install_sighup(service.gateway)  # reload config, TLS and api_keys
+    run_as_daemon(service, reactor)
     return service
 
 

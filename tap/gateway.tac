@@ -11,6 +11,7 @@ from twisted.application.service import Application
 from twisted.internet import reactor
 
 from gatewayd.config import ConfigError
+from gatewayd.process import run_as_daemon
 from gatewayd.tap import Options, compose, default_state_dir
 
 options = Options()
@@ -31,4 +32,5 @@ try:
 except ConfigError as e:
     sys.stderr.write(f"gatewayd: config error: {e}\n")
     raise SystemExit(1) from None
+run_as_daemon(service, reactor)
 service.setServiceParent(application)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -291,3 +292,74 @@ def test_default_listen_is_loopback_18789() -> None:
     from gatewayd.config import Config
 
     assert Config().gateway.listen == ("tcp:18789:interface=127.0.0.1",)
+
+
+def test_the_tac_runs_the_same_daemon(tmp_path: Any) -> None:
+    """``twistd -ny tap/gateway.tac`` serves, reloads on SIGHUP and stops cleanly on SIGTERM,
+    like ``twistd gateway``."""
+    from tests.harness import Process, wait_healthy
+
+    state = str(tmp_path / "state")
+    os.makedirs(state)
+    config = str(tmp_path / "gatewayd.toml")
+    with open(config, "w", encoding="utf-8") as f:
+        f.write(TOKENS_TOML)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAYD_")}
+    env.update(
+        GATEWAYD_CONFIG=config,
+        GATEWAYD_STATE_DIR=state,
+        GATEWAYD_LISTEN=f"tcp:{port}:interface=127.0.0.1",
+    )
+    log_path = str(tmp_path / "twistd.out")
+    tac = os.path.join(ROOT, "tap", "gateway.tac")
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [TWISTD, "--pidfile=", "-ny", tac], stdout=out, stderr=subprocess.STDOUT, env=env,
+            cwd=str(tmp_path),
+        )
+    p = Process(proc, port, state, log_path)
+    try:
+        wait_healthy(p)
+        code, body = p.request("POST", "/api/chat", {"message": "from the tac"})
+        assert code == 200 and body["response"] == "from the tac"
+        proc.send_signal(signal.SIGHUP)  # the same reload as the plugin's
+        deadline = time.monotonic() + 20
+        while "SIGHUP: config reloaded" not in p.output():
+            assert time.monotonic() < deadline and proc.poll() is None, p.output()
+            time.sleep(0.05)
+        assert p.request("GET", "/api/status")[0] == 200
+        assert p.terminate() == 0
+    finally:
+        p.kill()
+
+
+def test_the_daemon_settles_the_collector(tmp_path: Any) -> None:
+    """Once ``makeService``'s tree is ready, the process freezes what it holds and raises the
+    collector's thresholds (an embedded gateway leaves its host's collector alone)."""
+    script = (
+        "import gc, sys\n"
+        "from twisted.internet import reactor\n"
+        "from gatewayd.process import GC_THRESHOLDS\n"
+        "from gatewayd.tap import Options, makeService, compose\n"
+        "before = gc.get_threshold()\n"
+        "o = Options()\n"
+        "o.parseOptions(['--state-dir', sys.argv[1], '--listen', 'tcp:0:interface=127.0.0.1',\n"
+        "                '--token', 'x' * 32])\n"
+        "s = makeService(o, reactor)\n"
+        "def ready(_):\n"
+        "    settled = gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 1000\n"
+        "    print('settled' if settled else f'not settled: {gc.get_threshold()}', before)\n"
+        "    s.stopService().addBoth(lambda _: reactor.stop())\n"
+        "s.ready.addCallback(ready)\n"
+        "reactor.callWhenRunning(s.startService)\n"
+        "reactor.run()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
+    )
+    assert out.stdout.strip().splitlines()[-1] == "settled (700, 10, 10)", out
