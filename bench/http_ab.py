@@ -69,12 +69,16 @@ def main() -> None:
         for url in urls.values():
             wrk(url, 1, args.connections, lua)  # warm-up
         rps: dict[str, list[float]] = {name: [] for name in urls}
+        p99: dict[str, list[float]] = {name: [] for name in urls}
         for r in range(args.rounds):
             for name in ("base", "A", "B") if r % 2 == 0 else ("base", "B", "A"):
-                rps[name].append(wrk(urls[name], args.duration, args.connections, lua)[0])
+                got = wrk(urls[name], args.duration, args.connections, lua)
+                rps[name].append(got[0])
+                p99[name].append(got[1])
             base, a, b = rps["base"][-1], rps["A"][-1], rps["B"][-1]
             print(f"round {r + 1}: baseline {base:.0f}  A {a:.0f} ({a / base:.3f})  "
-                  f"B {b:.0f} ({b / base:.3f})  A/B {a / b:.3f}", flush=True)
+                  f"B {b:.0f} ({b / base:.3f})  A/B {a / b:.3f}  "
+                  f"p99 ms: A {p99['A'][-1]:.1f} B {p99['B'][-1]:.1f}", flush=True)
     finally:
         for p in procs:
             p.terminate()
@@ -84,6 +88,8 @@ def main() -> None:
     paired = statistics.median(x / y for x, y in zip(rps["A"], rps["B"], strict=True))
     print(f"median: baseline {base:.0f}  A {a:.0f} ({a / base:.3f})  B {b:.0f} ({b / base:.3f})"
           f"  A/B of the medians {a / b:.3f}, median A/B of a round {paired:.3f}")
+    print(f"median p99: baseline {statistics.median(p99['base']):.1f} ms  "
+          f"A {statistics.median(p99['A']):.1f} ms  B {statistics.median(p99['B']):.1f} ms")
 
 
 if __name__ == "__main__":
