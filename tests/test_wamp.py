@@ -402,3 +402,33 @@ def test_serializers_available() -> None:
     assert isinstance(SERIALIZERS["wamp.2.json"](), JsonSerializer)
     pytest.importorskip("msgpack")
     assert "wamp.2.msgpack" in SERIALIZERS
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_consumer_is_dropped(tmp_path: Any, monkeypatch: Any) -> None:
+    """A WAMP subscriber that stops reading is cut off once its unsent EVENTs pass the cap;
+    the gateway does not buffer for it without end."""
+    from twisted.internet import reactor
+
+    from gatewayd.web import ws
+
+    monkeypatch.setattr(ws, "SLOW_CONSUMER_BYTES", 256 * 1024)
+    async with running(tmp_path) as env:
+        s = await env.connect(ADMIN)
+        await s.subscribe(s.on_event, "gatewayd.events")
+        factory = factory_for(env.gw)
+        assert factory is not None
+        server = next(iter(factory.live))
+        tcp = s._transport.transport  # the client's socket
+        tcp.pauseProducing()  # stop reading: the server's buffers fill up
+        blob = "z" * 65536
+        sent = 0
+        while server in factory.live and sent < 400:
+            env.gw.bus.publish("blob", blob=blob)
+            sent += 1
+        assert server not in factory.live, "the server never gave up"
+        assert sent < 400
+        assert env.gw.connections["websocket"] == 0
+        tcp.resumeProducing()
+        await s.gone.addTimeout(TIMEOUT, reactor)
+        assert len([e for e in s.events if e["type"] == "blob"]) < sent
