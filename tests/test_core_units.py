@@ -465,8 +465,11 @@ async def test_checkpoints_run_on_their_own_thread(tmp_path: Any) -> None:
             break
         await deferLater(reactor, 0.01, lambda: None)
     assert last is not None and last[0] > 100 and last[1] == last[0]
-    await store.stop()
+    first, second = store.stop(), store.stop()  # a second stop waits for the same end
+    await first
+    await second
     assert not os.path.exists(path + "-wal")  # the last connection folded it in
+    await SQLiteStore(reactor, path).stop()  # never started: nothing to wait for
     store = SQLiteStore(reactor, path)
     await store.start()
     assert len(await store.history("ses_49")) == 1

@@ -63,12 +63,13 @@ class Checkpointer:
     def stop(self) -> Deferred[None]:
         """Fires once the thread is done (a checkpoint under way finishes first)."""
         self._stopping.set()
-        if self._stopped is None:
+        done: Deferred[None] = Deferred()
+        if self._stopped is None:  # never started
             self._close()
-            done: Deferred[None] = Deferred()
             done.callback(None)
-            return done
-        return self._stopped
+        else:  # each caller gets a Deferred of its own
+            self._stopped.addBoth(_fire, done)
+        return done
 
     def _main(self) -> None:
         failing = False
@@ -95,3 +96,8 @@ class Checkpointer:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+def _fire(result: None, done: Deferred[None]) -> None:
+    done.callback(None)
+    return result
