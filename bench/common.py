@@ -27,3 +27,25 @@ def wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"{url} did not come up")
+
+
+def serve_gatewayd(config_text: str, state_dir: str, on_ready: Any) -> None:
+    """Run the real gatewayd service tree in this process, as ``twistd gateway`` would (the
+    daemon's process settings included), and call ``on_ready(gateway)`` once it serves; the
+    load scripts publish on its bus from there.  Returns when the reactor stops."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from twisted.internet import reactor
+
+    from gatewayd.config import parse_config
+    from gatewayd.process import run_as_daemon
+    from gatewayd.tap import compose
+
+    service = compose(parse_config(config_text, {}), reactor=reactor, state_dir=state_dir)
+    run_as_daemon(service, reactor)
+    service.ready.addCallback(lambda _: on_ready(service.gateway))
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]

@@ -39,6 +39,7 @@ import tempfile
 import time
 from typing import Any
 
+import common
 from common import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,14 +147,9 @@ def serve_baseline(port: int) -> None:
 
 def serve_gatewayd(port: int, state_dir: str) -> None:
     """The real gatewayd service tree; the launcher publishes on its bus."""
-    sys.path.insert(0, ROOT)
     from twisted.internet import reactor
 
-    from gatewayd.config import parse_config
-    from gatewayd.tap import compose
-
-    config = parse_config(
-        f"""
+    config = f"""
 [gateway]
 listen = ["tcp:{port}:interface=127.0.0.1:backlog=2048"]
 max_streams_per_token = 5000
@@ -165,24 +161,17 @@ burst = 1000000
 key = "{TOKEN}"
 role = "admin"
 name = "bench"
-""",
-        {},
-    )
-    service = compose(config, reactor=reactor, state_dir=state_dir)
-    gw = service.gateway
+"""
 
-    def publish(n: int, now: float) -> int:
-        return int(gw.bus.publish("text_delta", session_id="bench", content=f"word{n} ").id)
+    def ready(gw: Any) -> None:
+        def publish(n: int, now: float) -> int:
+            return int(gw.bus.publish("text_delta", session_id="bench", content=f"word{n} ").id)
 
-    def ready(_: Any) -> None:
         _publisher(publish, reactor)
         sys.stdout.write("READY\n")
         sys.stdout.flush()
 
-    service.startService()
-    service.ready.addCallback(ready)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    common.serve_gatewayd(config, state_dir, ready)
 
 
 # -- the load process ------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Any
 
+import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TOKEN = "bench-token-0123456789abcdefghijklmnop"
@@ -106,14 +108,9 @@ def _stdin_commands(reactor: Any, publish: Any) -> None:
 
 
 def serve_gatewayd(port: int, state_dir: str) -> None:
-    sys.path.insert(0, ROOT)
     from twisted.internet import reactor
 
-    from gatewayd.config import parse_config
-    from gatewayd.tap import compose
-
-    config = parse_config(
-        f"""
+    config = f"""
 [gateway]
 listen = ["tcp:{port}:interface=127.0.0.1:backlog=4096"]
 max_streams_per_token = 20000
@@ -131,24 +128,17 @@ max_concurrent_runs = 128
 key = "{TOKEN}"
 role = "admin"
 name = "bench"
-""",
-        {},
-    )
-    service = compose(config, reactor=reactor, state_dir=state_dir)
-    gw = service.gateway
+"""
 
-    def publish(n: int) -> int:
-        return int(gw.bus.publish("text_delta", session_id="bench", content=f"word{n} ").id)
+    def ready(gw: Any) -> None:
+        def publish(n: int) -> int:
+            return int(gw.bus.publish("text_delta", session_id="bench", content=f"word{n} ").id)
 
-    def ready(_: Any) -> None:
         _stdin_commands(reactor, publish)
         sys.stdout.write("READY\n")
         sys.stdout.flush()
 
-    service.startService()
-    service.ready.addCallback(ready)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    common.serve_gatewayd(config, state_dir, ready)
 
 
 def serve_bare(port: int) -> None:
