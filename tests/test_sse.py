@@ -129,6 +129,22 @@ class Frames(protocol.Protocol):
         self.transport.stopProducing()
 
 
+async def stream_awaiting_approval(
+    g: Running, token: str | None = ADMIN, content: str = "x", **extra: str
+) -> tuple[Frames, dict[str, Any]]:
+    """POST /api/chat/stream with a message whose run asks to write a file; returns the reader
+    and the ``approval_requested`` frame once the run waits on it."""
+    tool = json.dumps({"path": "approval.txt", "content": content})
+    _, reader = await open_stream(
+        g,
+        "/api/chat/stream",
+        token=token,
+        method="POST",
+        body={"message": f"/tool write_file {tool}", **extra},
+    )
+    return reader, await reader.wait_event("approval_requested")
+
+
 async def open_stream(
     g: Running,
     path: str = "/api/events",
@@ -410,14 +426,7 @@ async def test_revoking_the_token_closes_its_streams(tmp_path: Any) -> None:
         secret = "revocable-token-0123456789abcdef"
         g.gateway.tokens.add_stored(hash_token(secret), Principal("tok_rev", "operator", "r"))
         _, doomed = await open_stream(g, token=secret)
-        _, chat = await open_stream(
-            g,
-            "/api/chat/stream",
-            token=secret,
-            method="POST",
-            body={"message": '/tool write_file {"path": "r.txt", "content": "x"}'},
-        )
-        asked = await chat.wait_event("approval_requested")
+        chat, asked = await stream_awaiting_approval(g, token=secret)
         _, kept = await open_stream(g, token=ADMIN)
         await doomed.wait_for(lambda f: "retry" in f)
         assert _sse_count(g) == 3
@@ -673,16 +682,7 @@ async def test_chat_stream_refusals_are_json(tmp_path: Any) -> None:
             g, f"{path}?message=x&session_id={mine['session_id']}", 404, "not_found", token=CHAT2
         )
         # a busy session's full queue is 429 before any stream starts
-        _, busy = await open_stream(
-            g,
-            path,
-            method="POST",
-            body={
-                "message": '/tool write_file {"path": "q.txt", "content": "x"}',
-                "session_id": "busy",
-            },
-        )
-        asked = await busy.wait_event("approval_requested")
+        busy, asked = await stream_awaiting_approval(g, session_id="busy")
         await expect_error(g, f"{path}?message=more&session_id=busy", 429, "queue_full")
         await g.gateway.approvals.resolve(
             Principal("static", "admin"), asked["json"]["approval_id"], "deny", None
@@ -710,14 +710,7 @@ async def test_chat_stream_budget_exceeded_is_429(tmp_path: Any) -> None:
 async def test_disconnect_does_not_abort_the_run(tmp_path: Any) -> None:
     g = await start_gateway(str(tmp_path))
     try:
-        _, reader = await open_stream(
-            g,
-            "/api/chat/stream",
-            token=CHAT,
-            method="POST",
-            body={"message": '/tool write_file {"path": "d.txt", "content": "kept"}'},
-        )
-        asked = await reader.wait_event("approval_requested")
+        reader, asked = await stream_awaiting_approval(g, token=CHAT, content="kept")
         run_id = asked["json"]["run_id"]
         reader.disconnect()
         await reader.wait_end()
@@ -741,14 +734,7 @@ async def test_disconnect_does_not_abort_the_run(tmp_path: Any) -> None:
 async def test_chat_stream_error_event_on_abort(tmp_path: Any) -> None:
     g = await start_gateway(str(tmp_path))
     try:
-        _, reader = await open_stream(
-            g,
-            "/api/chat/stream",
-            token=CHAT,
-            method="POST",
-            body={"message": '/tool write_file {"path": "e.txt", "content": "x"}'},
-        )
-        asked = await reader.wait_event("approval_requested")
+        reader, asked = await stream_awaiting_approval(g, token=CHAT)
         code, _ = await call(g, "POST", f"/api/runs/{asked['json']['run_id']}/abort", {}, CHAT)
         assert code == 202
         assert await reader.wait_end() == "done"
